@@ -1,0 +1,115 @@
+"""Every qsegformers config key, with its default and a one-line meaning.
+
+``add_qsegformers_config(cfg)`` extends detectron2's ``get_cfg()`` so that official Mask2Former YAML
+files (which also use keys of detectron2's DeepLab project) merge unchanged.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_qsegformers_config", "add_deeplab_compat_config"]
+
+
+def add_deeplab_compat_config(cfg):
+    """Keys of detectron2's DeepLab project that official Mask2Former configs set."""
+    # Solver: poly learning-rate schedule.
+    cfg.SOLVER.POLY_LR_POWER = 0.9  # exponent of (1 - iter / max_iter)
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0  # LR factor below which the schedule stays constant
+    # Semantic crop that caps the area a single category may cover (Mask2Former semantic mapper).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Loss type of DeepLab's semantic head; read only by DeepLab heads, kept so official files merge.
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
+    # DeepLab's ASPP head keys (official Mask2Former configs inherit them from add_deeplab_config).
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2"]
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
+    cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV = False
+    # DeepLab's ResNet extensions: multi-grid dilation for res5 and the "deeplab" stem.
+    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
+    cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # "basic" (7x7 conv) or "deeplab" (three 3x3 convs)
+
+
+def add_qsegformers_config(cfg):
+    """Add every qsegformers key (Mask2Former names first) to ``cfg`` in place."""
+    add_deeplab_compat_config(cfg)
+
+    # ---- data ----
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"  # name in the mapper registry
+    cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion of SSD during training
+    cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad training crops to a multiple of this (-1: no padding)
+    # Large-scale jitter (LSJ) for COCO: random scale of IMAGE_SIZE in [MIN_SCALE, MAX_SCALE].
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # ---- solver ----
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters (queries)
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # LR multiplier of backbone parameters
+
+    # ---- model: Mask2Former meta-architecture and transformer decoder ----
+    cfg.MODEL.MASK_FORMER = CN()
+    mf = cfg.MODEL.MASK_FORMER
+    mf.DEEP_SUPERVISION = True  # losses on every decoder layer's prediction
+    mf.NO_OBJECT_WEIGHT = 0.1  # class weight of the "no object" class in the CE loss
+    mf.CLASS_WEIGHT = 1.0  # weight of the classification loss (and matching cost)
+    mf.DICE_WEIGHT = 1.0  # weight of the dice loss (and matching cost)
+    mf.MASK_WEIGHT = 20.0  # weight of the sigmoid BCE mask loss (and matching cost)
+    mf.NHEADS = 8  # attention heads of the transformer decoder
+    mf.DROPOUT = 0.1  # dropout of the transformer decoder
+    mf.DIM_FEEDFORWARD = 2048  # FFN hidden size of the transformer decoder
+    mf.ENC_LAYERS = 0  # MaskFormer's transformer encoder layers (unused by Mask2Former)
+    mf.DEC_LAYERS = 6  # decoder layers, counting the prediction on the learnable queries
+    mf.PRE_NORM = False  # pre-norm transformer layers
+    mf.HIDDEN_DIM = 256  # query and feature width of the transformer decoder
+    mf.NUM_OBJECT_QUERIES = 100  # number of learnable queries
+    mf.TRANSFORMER_IN_FEATURE = "res5"  # which pixel-decoder output feeds the decoder
+    mf.ENFORCE_INPUT_PROJ = False  # always project decoder inputs, even when widths match
+    mf.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"  # decoder registry name
+    mf.SIZE_DIVISIBILITY = 32  # images are padded to a multiple of this in the meta-architecture
+    # Point-sampled losses (PointRend-style importance sampling).
+    mf.TRAIN_NUM_POINTS = 112 * 112  # points per mask for the matching costs and mask losses
+    mf.OVERSAMPLE_RATIO = 3.0  # oversampling before picking the most uncertain points
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75  # fraction of points chosen by uncertainty
+    mf.MATCHER_NAME = ""  # matcher registry name; "" uses the one the decoder declares
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True  # produce "sem_seg" at inference
+    mf.TEST.INSTANCE_ON = False  # produce "instances" at inference
+    mf.TEST.PANOPTIC_ON = False  # produce "panoptic_seg" at inference
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.0  # min class score of a kept query (panoptic)
+    mf.TEST.OVERLAP_THRESHOLD = 0.0  # min visible fraction of a query's mask (panoptic)
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False  # resize masks before combining
+
+    # ---- model: head and pixel decoder ----
+    ssh = cfg.MODEL.SEM_SEG_HEAD
+    ssh.MASK_DIM = 256  # width of the per-pixel embeddings (mask features)
+    ssh.TRANSFORMER_ENC_LAYERS = 0  # deformable-attention encoder layers of the pixel decoder
+    ssh.PIXEL_DECODER_NAME = "BasePixelDecoder"  # pixel decoder registry name
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]  # encoder inputs
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4  # sampling points per level and head
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8  # heads of the deformable attention
+    ssh.MS_DEFORM_ATTN_IMPL = "auto"  # "auto" (compiled kernel when built) or "pytorch"
+
+    # ---- backbones (Swin keys are declared so that official Swin configs merge) ----
+    cfg.MODEL.SWIN = CN()
+    sw = cfg.MODEL.SWIN
+    sw.PRETRAIN_IMG_SIZE = 224  # image size of the ImageNet pre-training
+    sw.PATCH_SIZE = 4  # patch embedding stride
+    sw.EMBED_DIM = 96  # channels of the first stage
+    sw.DEPTHS = [2, 2, 6, 2]  # blocks per stage
+    sw.NUM_HEADS = [3, 6, 12, 24]  # attention heads per stage
+    sw.WINDOW_SIZE = 7  # attention window size
+    sw.MLP_RATIO = 4.0  # FFN expansion
+    sw.QKV_BIAS = True  # bias on the qkv projection
+    sw.QK_SCALE = None  # override of head_dim ** -0.5
+    sw.DROP_RATE = 0.0  # dropout
+    sw.ATTN_DROP_RATE = 0.0  # attention dropout
+    sw.DROP_PATH_RATE = 0.3  # stochastic depth
+    sw.APE = False  # absolute position embedding
+    sw.PATCH_NORM = True  # LayerNorm after the patch embedding
+    sw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # returned stages
+    sw.USE_CHECKPOINT = False  # activation checkpointing
+
+    # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
+    cfg.GLOBAL = CN()
+    cfg.GLOBAL.HACK = 1.0  # unused scale factor kept only so official configs merge
