@@ -1,0 +1,5 @@
+"""Transformer decoders (query x pixel features -> class and mask predictions), registered by name."""
+from .build import build_transformer_decoder
+from .mask2former import MultiScaleMaskedTransformerDecoder
+
+__all__ = ["build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
