@@ -5,7 +5,30 @@ files (which also use keys of detectron2's DeepLab project) merge unchanged.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_qsegformers_config", "add_deeplab_compat_config"]
+__all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
+
+# Keys declared only so that official files merge, with the one value qsegformers supports.
+_FIXED_VALUES = {
+    "MODEL.RESNETS.RES4_DILATION": 1,
+    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],
+    "MODEL.RESNETS.STEM_TYPE": "basic",
+}
+
+
+def check_unsupported_keys(cfg):
+    """Raise one ValueError listing every compatibility key set to a value qsegformers cannot honour."""
+    problems = []
+    for key, supported in _FIXED_VALUES.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if (list(node) if isinstance(node, (list, tuple)) else node) != supported:
+            problems.append(f"{key} = {node!r} (only {supported!r} is supported)")
+    if problems:
+        raise ValueError(
+            "These keys come from detectron2's DeepLab project, whose ResNet variant qsegformers does not "
+            "build: " + "; ".join(problems) + ". Remove them from the config."
+        )
 
 
 def add_deeplab_compat_config(cfg):
@@ -24,9 +47,11 @@ def add_deeplab_compat_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
     cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV = False
-    # DeepLab's ResNet extensions: multi-grid dilation for res5 and the "deeplab" stem.
+    # DeepLab's ResNet extensions. qsegformers builds detectron2's ResNet, which has none of them:
+    # check_unsupported_keys() rejects values other than these defaults.
+    cfg.MODEL.RESNETS.RES4_DILATION = 1
     cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # "basic" (7x7 conv) or "deeplab" (three 3x3 convs)
+    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
 
 
 def add_qsegformers_config(cfg):

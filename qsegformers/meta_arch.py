@@ -1,0 +1,202 @@
+"""``MaskFormer``: the meta-architecture that wires backbone, head (pixel + transformer decoder),
+matcher, criterion and inference. It owns the data flow; each stage owns only its own tensors."""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from torch import Tensor, nn
+
+from .config import check_unsupported_keys
+from .inference import instance_inference, panoptic_inference, semantic_inference
+from .losses.criterion import SetCriterion, build_weight_dict
+from .matching.build import build_matcher
+
+__all__ = ["MaskFormer"]
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification for semantic, panoptic and instance segmentation (official name and keys)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        instance_on: bool = False,
+        test_topk_per_image: int = 100,
+    ):
+        """
+        Args:
+            sem_seg_head: a head whose ``predictor`` follows the decoder contract and declares
+                ``class_activation``.
+            size_divisibility: pad images to a multiple of this (< 0: the backbone's own value).
+            sem_seg_postprocess_before_inference: resize masks to the output size before combining them
+                (always done for panoptic and instance outputs).
+            test_topk_per_image: instances kept per image.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.overlap_threshold = overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.metadata = metadata
+        if size_divisibility < 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference or panoptic_on or instance_on
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.test_topk_per_image = test_topk_per_image
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError("Enable at least one of MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON}.")
+        self.class_activation = sem_seg_head.predictor.class_activation
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_unsupported_keys(cfg)
+        mf = cfg.MODEL.MASK_FORMER
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        matcher_name = mf.MATCHER_NAME or sem_seg_head.predictor.matcher_name
+        weight_dict = build_weight_dict(
+            class_weight=mf.CLASS_WEIGHT,
+            mask_weight=mf.MASK_WEIGHT,
+            dice_weight=mf.DICE_WEIGHT,
+            dec_layers=mf.DEC_LAYERS,
+            deep_supervision=mf.DEEP_SUPERVISION,
+        )
+        criterion = SetCriterion(
+            sem_seg_head.num_classes,
+            matcher=build_matcher(cfg, matcher_name),
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            deep_supervision=mf.DEEP_SUPERVISION,
+        )
+        test = mf.TEST
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise each ``image`` (C x H x W, 0-255) and pad the batch to ``size_divisibility``."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """batched_inputs: detectron2 dicts with ``image`` and, in training, ``instances`` (gt_classes,
+        gt_masks). Training returns the weighted losses; inference returns one dict per image with
+        ``sem_seg`` (K x H x W), ``panoptic_seg`` (ids H x W, segments_info) and/or ``instances``."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("Training inputs need 'instances' (gt_classes, gt_masks) from the dataset mapper.")
+            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            outputs = self.sem_seg_head(features, targets=targets)
+            return self.criterion.weighted(self.criterion(outputs, targets))
+        outputs = self.sem_seg_head(features)
+        return self.inference(outputs, batched_inputs, images)
+
+    def prepare_targets(self, gt_instances, images: ImageList) -> List[Dict[str, Tensor]]:
+        """Per image: ``labels`` (T,) and ``masks`` (T x H_pad x W_pad) padded like the image batch."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for inst in gt_instances:
+            gt_masks = inst.gt_masks
+            gt_masks = gt_masks.tensor if hasattr(gt_masks, "tensor") else gt_masks
+            padded = gt_masks.new_zeros((gt_masks.shape[0], h_pad, w_pad))
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            targets.append({"labels": inst.gt_classes, "masks": padded})
+        return targets
+
+    def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        mask_cls_results = outputs["pred_logits"]
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        processed = []
+        for mask_cls, mask_pred, input_per_image, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            result = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+                mask_cls = mask_cls.to(mask_pred)
+            if self.semantic_on:
+                sem = semantic_inference(mask_cls, mask_pred, activation=self.class_activation)
+                if not self.sem_seg_postprocess_before_inference:
+                    sem = sem_seg_postprocess(sem, image_size, height, width)
+                result["sem_seg"] = sem
+            if self.panoptic_on:
+                result["panoptic_seg"] = panoptic_inference(
+                    mask_cls,
+                    mask_pred,
+                    num_classes=self.sem_seg_head.num_classes,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                    thing_ids=self._thing_ids(),
+                    activation=self.class_activation,
+                )
+            if self.instance_on:
+                result["instances"] = instance_inference(
+                    mask_cls,
+                    mask_pred,
+                    num_classes=self.sem_seg_head.num_classes,
+                    topk=self.test_topk_per_image,
+                    thing_ids=self._thing_ids() if self.panoptic_on else None,
+                    activation=self.class_activation,
+                )
+            processed.append(result)
+        return processed
+
+    def _thing_ids(self) -> set:
+        mapping = getattr(self.metadata, "thing_dataset_id_to_contiguous_id", None) if self.metadata else None
+        return set(mapping.values()) if mapping else set()
