@@ -12,7 +12,7 @@ from qsegformers.pixel_decoders.build import build_pixel_decoder
 from qsegformers.pixel_decoders.msdeform import MSDeformAttnEncoder, MSDeformAttnPixelDecoder
 from qsegformers.pixel_decoders.position_encoding import PositionEmbeddingSine
 
-REFERENCE_DIR = Path(__file__).resolve().parents[3] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"  # copied official facts
 REFERENCE_TSV = REFERENCE_DIR / "mask2former_ade20k_sem_r50_state_dict.tsv"
 REFERENCE_CONFIG = REFERENCE_DIR / "mask2former_ade20k_sem_r50_config.yaml"
 PREFIX = "sem_seg_head.pixel_decoder."
@@ -58,8 +58,6 @@ def _features(shapes, batch=2, size=64):
 
 
 def _reference_entries():
-    if not REFERENCE_TSV.is_file():
-        pytest.skip(f"reference file {REFERENCE_TSV} is not available")
     entries = []
     for line in REFERENCE_TSV.read_text().splitlines()[1:]:
         key, shape, _ = line.split("\t")
@@ -69,8 +67,6 @@ def _reference_entries():
 
 
 def _official_cfg():
-    if not REFERENCE_CONFIG.is_file():
-        pytest.skip(f"reference file {REFERENCE_CONFIG} is not available")
     cfg = get_cfg()
     add_qsegformers_config(cfg)
     cfg.merge_from_file(str(REFERENCE_CONFIG))
