@@ -7,11 +7,21 @@ from detectron2.config import CfgNode as CN
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
-# Keys declared only so that official files merge, with the one value qsegformers supports.
+# Keys declared only so that official files merge, with the one value qsegformers supports: the
+# DeepLab ResNet variant and DeepLab heads are not built, nor MaskFormer (v1)'s transformer encoder.
 _FIXED_VALUES = {
     "MODEL.RESNETS.RES4_DILATION": 1,
     "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],
     "MODEL.RESNETS.STEM_TYPE": "basic",
+    "MODEL.SEM_SEG_HEAD.LOSS_TYPE": "hard_pixel_mining",
+    "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES": ["res2"],
+    "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS": [48],
+    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 256,
+    "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS": [6, 12, 18],
+    "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.1,
+    "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV": False,
+    "MODEL.MASK_FORMER.ENC_LAYERS": 0,
+    "GLOBAL.HACK": 1.0,
 }
 
 
@@ -26,8 +36,8 @@ def check_unsupported_keys(cfg):
             problems.append(f"{key} = {node!r} (only {supported!r} is supported)")
     if problems:
         raise ValueError(
-            "These keys come from detectron2's DeepLab project, whose ResNet variant qsegformers does not "
-            "build: " + "; ".join(problems) + ". Remove them from the config."
+            "These keys are accepted only so that official Mask2Former/DeepLab configs merge; qsegformers "
+            "does not build what they configure: " + "; ".join(problems) + ". Remove them from the config."
         )
 
 
@@ -40,7 +50,8 @@ def add_deeplab_compat_config(cfg):
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Loss type of DeepLab's semantic head; read only by DeepLab heads, kept so official files merge.
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
-    # DeepLab's ASPP head keys (official Mask2Former configs inherit them from add_deeplab_config).
+    # DeepLab's ASPP head keys (official Mask2Former configs inherit them from add_deeplab_config);
+    # like LOSS_TYPE, fixed to these values by check_unsupported_keys().
     cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2"]
     cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]
     cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
@@ -83,7 +94,7 @@ def add_qsegformers_config(cfg):
     mf.NHEADS = 8  # attention heads of the transformer decoder
     mf.DROPOUT = 0.1  # dropout of the transformer decoder
     mf.DIM_FEEDFORWARD = 2048  # FFN hidden size of the transformer decoder
-    mf.ENC_LAYERS = 0  # MaskFormer's transformer encoder layers (unused by Mask2Former)
+    mf.ENC_LAYERS = 0  # MaskFormer (v1)'s transformer encoder layers; only 0 is supported
     mf.DEC_LAYERS = 6  # decoder layers, counting the prediction on the learnable queries
     mf.PRE_NORM = False  # pre-norm transformer layers
     mf.HIDDEN_DIM = 256  # query and feature width of the transformer decoder
@@ -137,4 +148,4 @@ def add_qsegformers_config(cfg):
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()
-    cfg.GLOBAL.HACK = 1.0  # unused scale factor kept only so official configs merge
+    cfg.GLOBAL.HACK = 1.0  # official placeholder; only 1.0 is accepted (check_unsupported_keys)

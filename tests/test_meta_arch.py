@@ -113,8 +113,13 @@ def test_unknown_decoder_name_is_a_clear_error(cfg):
         build_model(c)
 
 
-def test_unsupported_deeplab_key_is_a_clear_error(cfg):
+@pytest.mark.parametrize("key,value", [
+    ("MODEL.RESNETS.RES5_MULTI_GRID", [1, 2, 4]),
+    ("MODEL.MASK_FORMER.ENC_LAYERS", 6),
+    ("MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 128),
+])
+def test_compat_only_key_with_unsupported_value_is_a_clear_error(cfg, key, value):
     c = cfg.clone()
-    c.MODEL.RESNETS.RES5_MULTI_GRID = [1, 2, 4]
-    with pytest.raises(ValueError, match="RES5_MULTI_GRID"):
+    c.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(c)
