@@ -1,0 +1,150 @@
+"""COCO registrations beyond detectron2's built-ins, with Mask2Former's names and metadata.
+
+Registered (root ``$DETECTRON2_DATASETS``, default ``datasets``; layouts in ``datasets/README.md``):
+
+* ``coco_2017_{train,val}_panoptic_with_sem_seg``: COCO panoptic (133 classes, ``coco_panoptic_seg``)
+  plus the semantic labels written by ``datasets/prepare_coco_semantic_annos_from_panoptic.py``
+  (``coco/panoptic_semseg_{train,val}2017``), so one dataset serves PANOPTIC_ON, SEMANTIC_ON and
+  INSTANCE_ON (``json_file`` = the instances json). Mask2Former trains on detectron2's
+  ``coco_2017_train_panoptic`` and tests on ``coco_2017_val_panoptic_with_sem_seg``.
+* ``coco_2017_{train,test}_stuff_10k_sem_seg``: COCO-Stuff-10K, 171 classes (80 things + 91 stuff),
+  labels written by ``datasets/prepare_coco_stuff_10k_sem_seg.py``.
+
+COCO panoptic and instance datasets themselves (``coco_2017_*_panoptic``, ``coco_2017_*``) are
+detectron2's built-ins.
+"""
+import functools
+import os
+
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .common import datasets_root, load_json, load_sem_seg_by_labels, register_or_replace, require_paths
+
+__all__ = [
+    "COCO_PANOPTIC_CLASSES",
+    "COCO_STUFF_171_DATASET_IDS",
+    "COCO_STUFF_171_CLASSES",
+    "COCO_DATASET_NAMES",
+    "coco_panoptic_paths",
+    "coco_stuff_10k_paths",
+    "register_all_coco_extra",
+]
+
+IGNORE_LABEL = 255
+LABEL_DIVISOR = 1000
+SPLITS = ("train", "val")
+STUFF_10K_SPLITS = ("train", "test")
+
+COCO_PANOPTIC_CLASSES = [c["name"] for c in COCO_CATEGORIES]
+COCO_PANOPTIC_COLORS = [c["color"] for c in COCO_CATEGORIES]
+
+# COCO-Stuff: dataset ids 1..90 are the 80 things (10 ids unused), 92..182 the 91 stuff classes.
+COCO_THING_NAMES = {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}
+COCO_STUFF_91_NAMES = [
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard",
+    "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard",
+    "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other",
+    "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other", "fruit",
+    "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves", "light", "mat",
+    "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement",
+    "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
+    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
+    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other",
+    "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
+    "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind",
+    "window-other", "wood",
+]
+COCO_STUFF_FIRST_STUFF_ID = 92
+# index = contiguous class id (0..170); value = COCO-Stuff dataset id (1..182)
+COCO_STUFF_171_DATASET_IDS = sorted(COCO_THING_NAMES) + list(
+    range(COCO_STUFF_FIRST_STUFF_ID, COCO_STUFF_FIRST_STUFF_ID + len(COCO_STUFF_91_NAMES)))
+COCO_STUFF_171_CLASSES = [COCO_THING_NAMES[i] for i in sorted(COCO_THING_NAMES)] + COCO_STUFF_91_NAMES
+_PANOPTIC_COLOR = {c["name"]: c["color"] for c in COCO_CATEGORIES}
+COCO_STUFF_171_COLORS = [
+    _PANOPTIC_COLOR.get(name, [(37 * i) % 256, (91 * i) % 256, (173 * i) % 256])
+    for i, name in enumerate(COCO_STUFF_171_CLASSES)
+]
+
+COCO_DATASET_NAMES = {
+    "panoptic_with_sem_seg": {s: f"coco_2017_{s}_panoptic_with_sem_seg" for s in SPLITS},
+    "stuff_10k_sem_seg": {s: f"coco_2017_{s}_stuff_10k_sem_seg" for s in STUFF_10K_SPLITS},
+}
+
+
+def coco_panoptic_paths(root: str, split: str) -> dict:
+    """Paths of COCO 2017 panoptic ``split`` ("train"/"val"), as detectron2's built-ins expect them."""
+    coco = os.path.join(root, "coco")
+    return {
+        "image_root": os.path.join(coco, f"{split}2017"),
+        "panoptic_root": os.path.join(coco, f"panoptic_{split}2017"),
+        "panoptic_json": os.path.join(coco, "annotations", f"panoptic_{split}2017.json"),
+        "sem_seg_root": os.path.join(coco, f"panoptic_semseg_{split}2017"),
+        "instances_json": os.path.join(coco, "annotations", f"instances_{split}2017.json"),
+    }
+
+
+def coco_stuff_10k_paths(root: str, split: str) -> dict:
+    """Paths of COCO-Stuff-10K ``split`` ("train"/"test"); raw files are those of cocostuff-10k-v1.1."""
+    base = os.path.join(root, "coco", "coco_stuff_10k")
+    return {
+        "raw_image_root": os.path.join(base, "images"),
+        "raw_annotation_root": os.path.join(base, "annotations"),
+        "image_list": os.path.join(base, "imageLists", f"{split}.txt"),
+        "image_root": os.path.join(base, "images_detectron2", split),
+        "sem_seg_root": os.path.join(base, "annotations_detectron2", split),
+    }
+
+
+def _load_panoptic_with_sem_seg(name: str, paths: dict, thing_map: dict, stuff_map: dict) -> list:
+    """Mask2Former's ``load_coco_panoptic_json`` with ``sem_seg_file_name``; contiguous category ids."""
+    require_paths(name, (paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], paths["sem_seg_root"]))
+    dicts = []
+    for ann in load_json(paths["panoptic_json"])["annotations"]:
+        segments = []
+        for seg in ann["segments_info"]:
+            isthing = seg["category_id"] in thing_map
+            contiguous = (thing_map if isthing else stuff_map)[seg["category_id"]]
+            segments.append(dict(seg, category_id=contiguous, isthing=isthing))
+        stem = os.path.splitext(ann["file_name"])[0]
+        dicts.append({
+            "file_name": os.path.join(paths["image_root"], stem + ".jpg"),
+            "image_id": ann["image_id"],
+            "pan_seg_file_name": os.path.join(paths["panoptic_root"], ann["file_name"]),
+            "sem_seg_file_name": os.path.join(paths["sem_seg_root"], ann["file_name"]),
+            "segments_info": segments,
+        })
+    return dicts
+
+
+def register_all_coco_extra(root: str = None) -> list:
+    """(Re-)register the COCO datasets of this module under ``root``; returns their names."""
+    root = root if root is not None else datasets_root()
+    thing_ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    # As Mask2Former: both maps go to the 133 contiguous ids (the model predicts all 133 classes).
+    contiguous = {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)}
+    thing_map = {d: contiguous[d] for d in thing_ids}
+    for split in SPLITS:
+        paths = coco_panoptic_paths(root, split)
+        name = COCO_DATASET_NAMES["panoptic_with_sem_seg"][split]
+        register_or_replace(
+            name, functools.partial(_load_panoptic_with_sem_seg, name, paths, thing_map, dict(contiguous)),
+            thing_classes=[COCO_PANOPTIC_CLASSES[contiguous[d]] for d in thing_ids],
+            thing_colors=[COCO_PANOPTIC_COLORS[contiguous[d]] for d in thing_ids],
+            stuff_classes=list(COCO_PANOPTIC_CLASSES), stuff_colors=list(COCO_PANOPTIC_COLORS),
+            thing_dataset_id_to_contiguous_id=thing_map, stuff_dataset_id_to_contiguous_id=dict(contiguous),
+            image_root=paths["image_root"], panoptic_root=paths["panoptic_root"],
+            panoptic_json=paths["panoptic_json"], sem_seg_root=paths["sem_seg_root"],
+            json_file=paths["instances_json"], evaluator_type="coco_panoptic_seg",
+            ignore_label=IGNORE_LABEL, label_divisor=LABEL_DIVISOR)
+    for split in STUFF_10K_SPLITS:
+        paths = coco_stuff_10k_paths(root, split)
+        name = COCO_DATASET_NAMES["stuff_10k_sem_seg"][split]
+        register_or_replace(
+            name, functools.partial(load_sem_seg_by_labels, name, paths["sem_seg_root"], paths["image_root"]),
+            stuff_classes=list(COCO_STUFF_171_CLASSES), stuff_colors=COCO_STUFF_171_COLORS,
+            image_root=paths["image_root"], sem_seg_root=paths["sem_seg_root"],
+            evaluator_type="sem_seg", ignore_label=IGNORE_LABEL)
+    return [n for kind in COCO_DATASET_NAMES.values() for n in kind.values()]
+
+
+register_all_coco_extra()
