@@ -30,6 +30,8 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 
+from ..evaluation import InstanceSegEvaluator
+
 __all__ = ["build_evaluator", "get_evaluator_type", "SUPPORTED_EVALUATOR_TYPES"]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ def _sem_seg_evaluator(dataset_name: str, output_folder: str) -> SemSegEvaluator
 
 
 def _coco_evaluator(dataset_name: str, output_folder: str) -> COCOEvaluator:
-    return COCOEvaluator(
+    # COCOEvaluator that also accepts the non-contiguous thing ids of panoptic datasets (ADE20K).
+    return InstanceSegEvaluator(
         dataset_name, tasks=COCO_TASKS, distributed=True, output_dir=output_folder, use_fast_impl=False
     )
 

@@ -292,3 +292,24 @@ def test_missing_folder_names_path_and_readme(tmp_path):
 def test_prepare_script_names_missing_raw_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ADEChallengeData2016/annotations/training.*datasets/README\.md"):
         _load_script("prepare_ade20k_sem_seg").main(["--root", str(tmp_path)])
+
+
+def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
+    """Panoptic thing ids are not 0..N-1 (ADE20K things live among the 150 ids): detectron2's
+    COCOEvaluator asserts there, qsegformers' InstanceSegEvaluator maps them itself."""
+    register_all_ade20k(ade_root["root"])  # earlier tests re-register with other roots
+    cfg = _cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, semantic=False, instance=True)
+    evaluator = build_evaluator(cfg, "ade20k_panoptic_val", str(tmp_path))
+    dicts = DatasetCatalog.get("ade20k_panoptic_val")
+    masks = ade_root["masks"]
+
+    def output(relabel=None):
+        out = _instances_output(masks)
+        things = [c for c in masks if c in ADE20K_THING_IDS]
+        out["instances"].pred_classes = torch.tensor([(relabel or {}).get(c, c) for c in things])
+        return out
+
+    assert _evaluate(evaluator, dicts, [output()])["segm"]["AP"] == pytest.approx(100.0)
+    assert _evaluate(evaluator, dicts, [output({CHAIR: LAMP})])["segm"]["AP"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="not a thing class"):
+        _evaluate(evaluator, dicts, [output({CHAIR: 0})])  # class 0 (wall) is stuff

@@ -7,7 +7,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
-    COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
@@ -15,6 +14,7 @@ from detectron2.evaluation import (
 
 from qsegformers.config import add_qsegformers_config
 from qsegformers.engine.evaluators import SUPPORTED_EVALUATOR_TYPES, build_evaluator
+from qsegformers.evaluation import InstanceSegEvaluator
 
 PREFIX = "qseg_engine_eval_test_"
 IGNORE_LABEL = 255
@@ -88,10 +88,10 @@ def _classes(evaluator):
     "variant, expected",
     [
         ("sem_seg", [SemSegEvaluator]),
-        ("coco", [COCOEvaluator]),
-        ("coco_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, COCOEvaluator]),
+        ("coco", [InstanceSegEvaluator]),
+        ("coco_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, InstanceSegEvaluator]),
         ("coco_panoptic_no_json", [COCOPanopticEvaluator, SemSegEvaluator]),
-        ("ade20k_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, COCOEvaluator]),
+        ("ade20k_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, InstanceSegEvaluator]),
         ("cityscapes_sem_seg", [CityscapesSemSegEvaluator]),
         ("cityscapes_instance", [CityscapesInstanceEvaluator]),
         (
