@@ -71,6 +71,13 @@ def test_semantic_trains_lowers_loss_resumes_and_evaluates(tmp_path):
     log_eval = train_net("--eval-only", "--config-file", cfg, *FAST, "OUTPUT_DIR", str(tmp_path / "eval"),
                          "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"))
     assert final_results(log_eval, "sem_seg") == final_results(log, "sem_seg")
+    # with test-time augmentation (two scales + flip), evaluated after the plain pass
+    log_tta = train_net("--eval-only", "--config-file", cfg, *FAST, "OUTPUT_DIR", str(tmp_path / "tta"),
+                        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+                        "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(80, 112)", "TEST.AUG.FLIP", "True")
+    assert "inference with test-time augmentation" in log_tta
+    tta = final_results(log_tta, "sem_seg")["mIoU"]  # the last block is the TTA one
+    assert tta > untrained + 10, f"TTA mIoU {tta} is not above the untrained model's {untrained}"
 
 
 @pytest.mark.parametrize("task,key,metric,margin", [

@@ -9,9 +9,10 @@ On top of the builders, it fixes two silent resume bugs of detectron2 v0.6:
 """
 import logging
 import os
+from collections import OrderedDict
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from .defaults import disable_amp_without_cuda
@@ -19,6 +20,7 @@ from .evaluators import build_evaluator, get_evaluator_type
 from .hooks import replace_lr_scheduler_hook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
+from .tta import SemanticSegmentorWithTTA
 
 __all__ = ["Trainer"]
 
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 OPTIMIZER_CHECKPOINT_KEY = "optimizer"
+TTA_OUTPUT_SUBDIR = "inference_TTA"
 
 
 class Trainer(DefaultTrainer):
@@ -41,8 +44,12 @@ class Trainer(DefaultTrainer):
         self.checkpointer.checkpointables[OPTIMIZER_CHECKPOINT_KEY] = self.optimizer
 
     def build_hooks(self):
-        """detectron2's default hooks, with an LR-scheduler hook that checkpoints torch schedulers."""
-        return replace_lr_scheduler_hook(super().build_hooks())
+        """detectron2's default hooks, with an LR-scheduler hook that checkpoints torch schedulers,
+        plus a final evaluation with test-time augmentation when ``TEST.AUG.ENABLED``."""
+        hook_list = replace_lr_scheduler_hook(super().build_hooks())
+        if self.cfg.TEST.AUG.ENABLED:
+            hook_list.append(hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
+        return hook_list
 
     def build_writers(self):
         """Console metrics, ``OUTPUT_DIR/metrics.json`` and TensorBoard event files."""
@@ -89,3 +96,20 @@ class Trainer(DefaultTrainer):
             logger.warning("DATASETS.TEST is empty: there is nothing to evaluate.")
             return {}
         return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate with multi-scale + flip test-time augmentation (``TEST.AUG.*``); keys get "_TTA"."""
+        test = cfg.MODEL.MASK_FORMER.TEST
+        if test.PANOPTIC_ON or test.INSTANCE_ON:
+            raise ValueError(
+                "TEST.AUG.ENABLED: test-time augmentation is implemented for semantic segmentation only; "
+                "set MODEL.MASK_FORMER.TEST.PANOPTIC_ON and INSTANCE_ON to False to use it."
+            )
+        logger.info("Running inference with test-time augmentation ...")
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, TTA_OUTPUT_SUBDIR))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
