@@ -124,7 +124,7 @@ def add_qsegformers_config(cfg):
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]  # encoder inputs
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4  # sampling points per level and head
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8  # heads of the deformable attention
-    ssh.MS_DEFORM_ATTN_IMPL = "auto"  # "auto" (compiled kernel when built) or "pytorch"
+    ssh.DEFORMABLE_ATTN_IMPL = "auto"  # deformable attention op: "auto", "compiled" or "pytorch"
 
     # ---- backbones (Swin keys are declared so that official Swin configs merge) ----
     cfg.MODEL.SWIN = CN()

@@ -6,11 +6,20 @@ Notation used in the shapes below:
 * M: attention heads, D: channels per head, L: feature levels, P: sampling points per head and level.
 
 ``ms_deform_attn`` is the only entry point the model uses. It selects an implementation by name
-(``MODEL.SEM_SEG_HEAD.MS_DEFORM_ATTN_IMPL``): ``"pytorch"`` always runs the ``F.grid_sample``
-reference path; ``"auto"`` runs the compiled kernel of ``qsegformers._C`` when that extension is built
-and the tensors are on a GPU, and the reference path otherwise.
+(``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL``):
+
+* ``"auto"``: the compiled kernel of ``qsegformers._C`` (C++ for CPU tensors, CUDA for GPU tensors)
+  when the extension is built for the tensors' device, else the pure-PyTorch path (logging one
+  warning when the extension is missing);
+* ``"compiled"``: the compiled kernel, or a RuntimeError saying how to build it;
+* ``"pytorch"``: always the ``F.grid_sample`` reference path.
+
+The compiled kernel is the torch custom op ``torch.ops.qsegformers.ms_deform_attn`` (schema and
+device kernels registered in C++, autograd and fake kernel registered here), so torch.compile,
+torch.export and torch.jit.trace see one op.
 """
 import functools
+import logging
 import math
 from typing import Callable, Optional
 
@@ -18,11 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MS_DEFORM_ATTN_IMPLS", "check_impl", "ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn"]
+__all__ = [
+    "MS_DEFORM_ATTN_IMPLS",
+    "check_impl",
+    "compiled_kernel_available",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "MSDeformAttn",
+]
 
-# Accepted values of MODEL.SEM_SEG_HEAD.MS_DEFORM_ATTN_IMPL.
-MS_DEFORM_ATTN_IMPLS = ("auto", "pytorch")
-_IMPL_CONFIG_KEY = "MODEL.SEM_SEG_HEAD.MS_DEFORM_ATTN_IMPL"
+# Accepted values of MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL.
+MS_DEFORM_ATTN_IMPLS = ("auto", "compiled", "pytorch")
+_IMPL_CONFIG_KEY = "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL"
+_BUILD_HINT = (
+    "Build it with `pip install --no-build-isolation -e .` in the repository (or `bash setup.sh`); "
+    "CUDA kernels need a CUDA toolkit and a visible GPU or FORCE_CUDA=1 (see setup.py)."
+)
+
+logger = logging.getLogger(__name__)
 
 
 def check_impl(impl: str) -> None:
@@ -34,21 +56,76 @@ def check_impl(impl: str) -> None:
         )
 
 
+def _ms_deform_attn_setup_context(ctx, inputs, output) -> None:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _ms_deform_attn_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = torch.ops.qsegformers.ms_deform_attn_backward(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+@functools.lru_cache(maxsize=None)
+def _register_python_parts() -> None:
+    """Register autograd and the fake (meta) kernels of the ops that ``qsegformers._C`` defines (once)."""
+
+    @torch.library.register_fake("qsegformers::ms_deform_attn")
+    def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+    @torch.library.register_fake("qsegformers::ms_deform_attn_backward")
+    def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    torch.library.register_autograd(
+        "qsegformers::ms_deform_attn", _ms_deform_attn_backward, setup_context=_ms_deform_attn_setup_context
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel() -> Optional[Callable]:
-    """Return the compiled multi-scale deformable attention op, or None when it is not built.
+    """Return the compiled op ``torch.ops.qsegformers.ms_deform_attn``, or None when it is not built.
 
-    The op comes from the optional C++/CUDA extension ``qsegformers._C`` (built by setup.py when a
-    toolkit is present). It must be a callable with the signature and result of
-    ``ms_deform_attn_pytorch`` (an autograd Function's ``apply``, so that it is differentiable), exposed
-    as ``qsegformers._C.ms_deform_attn``. A missing extension is the normal pure-Python case, so it
-    returns None silently; the result is cached because a failed import is retried on every call.
+    Importing the optional extension ``qsegformers._C`` registers the op's schema and its CPU (and,
+    when built with CUDA, GPU) kernels; autograd and the fake kernel are registered here once. The
+    result is cached because a failed import would otherwise be retried on every call.
     """
     try:
         from qsegformers import _C  # noqa: F401  (optional compiled extension)
     except ImportError:
         return None
-    return getattr(_C, "ms_deform_attn", None)
+    _register_python_parts()
+    return torch.ops.qsegformers.ms_deform_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel_has_cuda() -> bool:
+    from qsegformers import _C
+
+    return bool(getattr(_C, "WITH_CUDA", 0))
+
+
+def compiled_kernel_available(device: torch.device = torch.device("cpu")) -> bool:
+    """True when ``qsegformers._C`` is built with a kernel for ``device`` (CPU always, CUDA if compiled in)."""
+    if _compiled_kernel() is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and _compiled_kernel_has_cuda()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(reason: str) -> None:
+    logger.warning(
+        "%s = 'auto' runs the slow pure-PyTorch multi-scale deformable attention: %s %s",
+        _IMPL_CONFIG_KEY, reason, _BUILD_HINT,
+    )
 
 
 def ms_deform_attn_pytorch(
@@ -107,17 +184,25 @@ def ms_deform_attn(
     """Multi-scale deformable attention core; see ``ms_deform_attn_pytorch`` for the shapes.
 
     Args:
-        impl: ``"pytorch"`` (reference path) or ``"auto"`` (compiled kernel for GPU tensors when
-            ``qsegformers._C`` is built, reference path otherwise).
+        impl: ``"auto"`` (compiled kernel when built for the device, else the reference path with one
+            logged warning), ``"compiled"`` (compiled kernel or RuntimeError) or ``"pytorch"``.
 
     Returns:
         N x Lq x (M*D).
     """
     check_impl(impl)
-    if impl == "auto" and value.is_cuda:
-        kernel = _compiled_kernel()
-        if kernel is not None:
+    if impl != "pytorch":
+        device = value.device
+        if compiled_kernel_available(device):
+            kernel = _compiled_kernel()
             return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        if _compiled_kernel() is None:
+            reason = "the compiled extension qsegformers._C is not built."
+        else:
+            reason = f"qsegformers._C has no kernel for {device.type} tensors."
+        if impl == "compiled":
+            raise RuntimeError(f"{_IMPL_CONFIG_KEY} = 'compiled' but {reason} {_BUILD_HINT}")
+        _warn_fallback_once(reason)
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -137,7 +222,8 @@ class MSDeformAttn(nn.Module):
             n_levels: number of feature levels L.
             n_heads: attention heads M.
             n_points: sampling points P per head and level.
-            impl: implementation of the core op, see ``ms_deform_attn``.
+            impl: implementation of the core op (``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL``), see
+                ``ms_deform_attn``.
         """
         super().__init__()
         if d_model % n_heads != 0:

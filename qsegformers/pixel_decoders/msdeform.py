@@ -183,7 +183,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             norm: detectron2 norm name of the FPN convs ("" for none, with bias).
             transformer_in_features: features fed to the encoder (e.g. res3, res4, res5).
             common_stride: stride of the mask features; FPN levels are added down to it.
-            ms_deform_attn_impl: implementation of the deformable attention op ("auto" or "pytorch").
+            ms_deform_attn_impl: implementation of the deformable attention op ("auto", "compiled" or
+                "pytorch"; MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL).
             num_multi_scale_levels: how many outputs, coarsest first, are returned for the decoder.
         """
         super().__init__()
@@ -262,7 +263,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
             "common_stride": head.COMMON_STRIDE,
-            "ms_deform_attn_impl": head.MS_DEFORM_ATTN_IMPL,
+            "ms_deform_attn_impl": head.DEFORMABLE_ATTN_IMPL,
         }
 
     def position_embeddings(self, srcs: List[torch.Tensor]) -> List[torch.Tensor]:

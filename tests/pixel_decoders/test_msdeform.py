@@ -100,9 +100,9 @@ def test_non_square_input_and_impl_choice_agree():
     torch.manual_seed(0)
     feats = {k: torch.randn(1, s.channels, 64 // s.stride, 96 // s.stride) for k, s in TINY_SHAPES.items()}
     torch.manual_seed(1)
-    auto = build_pixel_decoder(_tiny_cfg(MS_DEFORM_ATTN_IMPL="auto"), TINY_SHAPES).eval()
+    auto = build_pixel_decoder(_tiny_cfg(DEFORMABLE_ATTN_IMPL="auto"), TINY_SHAPES).eval()
     torch.manual_seed(1)
-    pytorch = build_pixel_decoder(_tiny_cfg(MS_DEFORM_ATTN_IMPL="pytorch"), TINY_SHAPES).eval()
+    pytorch = build_pixel_decoder(_tiny_cfg(DEFORMABLE_ATTN_IMPL="pytorch"), TINY_SHAPES).eval()
     out_auto = auto.forward_features(feats)
     out_pytorch = pytorch.forward_features(feats)
     assert out_auto[0].shape == (1, 16, 16, 24)
@@ -129,8 +129,8 @@ def test_backward_gives_finite_gradients_on_every_parameter():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"MODEL\.SEM_SEG_HEAD\.MS_DEFORM_ATTN_IMPL"):
-        build_pixel_decoder(_tiny_cfg(MS_DEFORM_ATTN_IMPL="triton"), TINY_SHAPES)
+    with pytest.raises(ValueError, match=r"MODEL\.SEM_SEG_HEAD\.DEFORMABLE_ATTN_IMPL"):
+        build_pixel_decoder(_tiny_cfg(DEFORMABLE_ATTN_IMPL="triton"), TINY_SHAPES)
     with pytest.raises(ValueError, match=r"DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES"):
         build_pixel_decoder(_tiny_cfg(IN_FEATURES=["res2", "res3", "res4"]), TINY_SHAPES)
     cfg = _tiny_cfg()
