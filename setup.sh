@@ -39,6 +39,9 @@ say "checking the environment"
 import numpy, PIL, torch, torchvision, detectron2, qsegformers
 from torchvision.ops import nms  # the registry's torchvision ops must load
 import panopticapi, pycocotools, fvcore, scipy, cv2
+import os
+if os.environ.get("QSEG_NO_EXT") != "1":
+    import qsegformers._C  # the compiled deformable-attention kernels must have been built
 assert numpy.__version__ == "1.23.5" and PIL.__version__ == "9.5.0", (numpy.__version__, PIL.__version__)
 nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 print(f"[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, "
