@@ -20,7 +20,13 @@ import numpy as np
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from .common import datasets_root, load_json, load_sem_seg_by_labels, register_or_replace, require_paths
+from .common import (
+    datasets_root,
+    load_panoptic_with_sem_seg,
+    load_sem_seg_by_labels,
+    register_or_replace,
+    require_paths,
+)
 
 __all__ = [
     "ADE20K_150_CLASSES",
@@ -116,27 +122,6 @@ def ade20k_paths(root: str, split: str) -> dict:
     }
 
 
-def _load_panoptic(name: str, paths: dict, thing_map: dict, stuff_map: dict) -> list:
-    """Mask2Former's ``load_ade20k_panoptic_json``: contiguous category ids, ``isthing``, sem_seg file."""
-    require_paths(name, (paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], paths["sem_seg_root"]))
-    dicts = []
-    for ann in load_json(paths["panoptic_json"])["annotations"]:
-        segments = []
-        for seg in ann["segments_info"]:
-            isthing = seg["category_id"] in thing_map
-            contiguous = (thing_map if isthing else stuff_map)[seg["category_id"]]
-            segments.append(dict(seg, category_id=contiguous, isthing=isthing))
-        stem = os.path.splitext(ann["file_name"])[0]
-        dicts.append({
-            "file_name": os.path.join(paths["image_root"], stem + ".jpg"),
-            "image_id": ann["image_id"],
-            "pan_seg_file_name": os.path.join(paths["panoptic_root"], ann["file_name"]),
-            "sem_seg_file_name": os.path.join(paths["sem_seg_root"], ann["file_name"]),
-            "segments_info": segments,
-        })
-    return dicts
-
-
 def _load_instances(name: str, paths: dict, thing_map: dict) -> list:
     """COCO-format instances with contiguous category ids (0..99).
 
@@ -181,7 +166,7 @@ def register_all_ade20k(root: str = None) -> list:
 
         name = ADE20K_DATASET_NAMES["panoptic"][split]
         register_or_replace(
-            name, functools.partial(_load_panoptic, name, paths, pan_thing_map, pan_stuff_map),
+            name, functools.partial(load_panoptic_with_sem_seg, name, paths, pan_thing_map, pan_stuff_map),
             stuff_classes=list(classes), stuff_colors=colors, thing_classes=things, thing_colors=thing_colors,
             thing_dataset_id_to_contiguous_id=pan_thing_map, stuff_dataset_id_to_contiguous_id=pan_stuff_map,
             image_root=paths["image_root"], panoptic_root=paths["panoptic_root"],

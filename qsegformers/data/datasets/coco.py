@@ -18,7 +18,12 @@ import os
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .common import datasets_root, load_json, load_sem_seg_by_labels, register_or_replace, require_paths
+from .common import (
+    datasets_root,
+    load_panoptic_with_sem_seg,
+    load_sem_seg_by_labels,
+    register_or_replace,
+)
 
 __all__ = [
     "COCO_PANOPTIC_CLASSES",
@@ -95,27 +100,6 @@ def coco_stuff_10k_paths(root: str, split: str) -> dict:
     }
 
 
-def _load_panoptic_with_sem_seg(name: str, paths: dict, thing_map: dict, stuff_map: dict) -> list:
-    """Mask2Former's ``load_coco_panoptic_json`` with ``sem_seg_file_name``; contiguous category ids."""
-    require_paths(name, (paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], paths["sem_seg_root"]))
-    dicts = []
-    for ann in load_json(paths["panoptic_json"])["annotations"]:
-        segments = []
-        for seg in ann["segments_info"]:
-            isthing = seg["category_id"] in thing_map
-            contiguous = (thing_map if isthing else stuff_map)[seg["category_id"]]
-            segments.append(dict(seg, category_id=contiguous, isthing=isthing))
-        stem = os.path.splitext(ann["file_name"])[0]
-        dicts.append({
-            "file_name": os.path.join(paths["image_root"], stem + ".jpg"),
-            "image_id": ann["image_id"],
-            "pan_seg_file_name": os.path.join(paths["panoptic_root"], ann["file_name"]),
-            "sem_seg_file_name": os.path.join(paths["sem_seg_root"], ann["file_name"]),
-            "segments_info": segments,
-        })
-    return dicts
-
-
 def register_all_coco_extra(root: str = None) -> list:
     """(Re-)register the COCO datasets of this module under ``root``; returns their names."""
     root = root if root is not None else datasets_root()
@@ -127,7 +111,7 @@ def register_all_coco_extra(root: str = None) -> list:
         paths = coco_panoptic_paths(root, split)
         name = COCO_DATASET_NAMES["panoptic_with_sem_seg"][split]
         register_or_replace(
-            name, functools.partial(_load_panoptic_with_sem_seg, name, paths, thing_map, dict(contiguous)),
+            name, functools.partial(load_panoptic_with_sem_seg, name, paths, thing_map, dict(contiguous)),
             thing_classes=[COCO_PANOPTIC_CLASSES[contiguous[d]] for d in thing_ids],
             thing_colors=[COCO_PANOPTIC_COLORS[contiguous[d]] for d in thing_ids],
             stuff_classes=list(COCO_PANOPTIC_CLASSES), stuff_colors=list(COCO_PANOPTIC_COLORS),

@@ -12,6 +12,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = [
+    "load_panoptic_with_sem_seg",
     "DATASETS_DEFAULT",
     "DATASETS_ENV",
     "README_HINT",
@@ -95,3 +96,29 @@ def reduce_zero_label(label: np.ndarray, ignore_label: int = 255) -> np.ndarray:
     if out.max(initial=0) > np.iinfo(np.uint8).max:
         raise ValueError(f"label {int(label.max())} does not fit in an 8-bit label file after the shift")
     return out.astype(np.uint8)
+
+
+def load_panoptic_with_sem_seg(name: str, paths: dict, thing_map: dict, stuff_map: dict) -> list:
+    """Panoptic records (COCO panoptic json) with contiguous category ids, ``isthing`` and the semantic
+    label file, as Mask2Former's COCO and ADE20K panoptic loaders produce.
+
+    ``paths`` has ``panoptic_json``, ``image_root`` (``<stem>.jpg``), ``panoptic_root`` and
+    ``sem_seg_root`` (``<stem>.png`` each); ``thing_map``/``stuff_map`` map dataset ids to contiguous ids.
+    """
+    require_paths(name, (paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], paths["sem_seg_root"]))
+    dicts = []
+    for ann in load_json(paths["panoptic_json"])["annotations"]:
+        segments = []
+        for seg in ann["segments_info"]:
+            isthing = seg["category_id"] in thing_map
+            contiguous = (thing_map if isthing else stuff_map)[seg["category_id"]]
+            segments.append(dict(seg, category_id=contiguous, isthing=isthing))
+        stem = os.path.splitext(ann["file_name"])[0]
+        dicts.append({
+            "file_name": os.path.join(paths["image_root"], stem + ".jpg"),
+            "image_id": ann["image_id"],
+            "pan_seg_file_name": os.path.join(paths["panoptic_root"], ann["file_name"]),
+            "sem_seg_file_name": os.path.join(paths["sem_seg_root"], ann["file_name"]),
+            "segments_info": segments,
+        })
+    return dicts
