@@ -4,7 +4,6 @@ Each val image: row 0 unlabelled; columns 0-15 "wall" (stuff), columns 16-31 "be
 "chair" (rows 12-23), both things. Prepare script -> DatasetCatalog -> training mapper -> evaluator on
 the ground truth (100) and on a prediction that calls the chair something else (values by hand).
 """
-import importlib.util
 import json
 import os
 from fractions import Fraction
@@ -13,12 +12,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from qsegformers.config import add_qsegformers_config
 from qsegformers.data.datasets.ade20k import (
     ADE20K_150_CLASSES,
     ADE20K_FULL_IGNORE_LABEL,
@@ -30,7 +27,8 @@ from qsegformers.data.datasets.ade20k import (
 from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+
 H, W = 24, 32
 WALL, BED, CHAIR, LAMP = 0, 7, 19, 36  # contiguous ids (== dataset ids of ADE20K panoptic/instance)
 IGNORE = 255
@@ -39,13 +37,6 @@ SEGMENT_IDS = {WALL: 11, BED: 22, CHAIR: 33}
 # panopticapi's pq_compute leaves its multiprocessing pool to the garbage collector
 UNCLOSED_POOL = "ignore:unclosed running multiprocessing pool:ResourceWarning"
 SPLITS = {"train": ("training", 2), "val": ("validation", 1)}
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _label_layout():
@@ -127,40 +118,16 @@ def ade_root(tmp_path_factory):
     full = np.full((H, W), ADE20K_FULL_IGNORE_LABEL, dtype=np.int64)
     full[1:, :16], full[1:, 16:] = 300, ADE20K_FULL_NUM_CLASSES - 1
     _make_ade_full(root, full)
-    _load_script("prepare_ade20k_sem_seg").main(["--root", root])
+    load_prepare_script("prepare_ade20k_sem_seg").main(["--root", root])
     register_all_ade20k(root)
     yield {"root": root, "label": label, "masks": masks, "full": full}
     register_all_ade20k()
-
-
-def _cfg(dataset, mapper, tmp_path, semantic=True, panoptic=False, instance=False):
-    cfg = get_cfg()
-    add_qsegformers_config(cfg)
-    cfg.DATASETS.TRAIN = (dataset,)
-    cfg.INPUT.DATASET_MAPPER_NAME = mapper
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.MIN_SIZE_TRAIN = (H,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 4 * W
-    cfg.INPUT.CROP.ENABLED = False
-    cfg.INPUT.COLOR_AUG_SSD = False
-    cfg.INPUT.SIZE_DIVISIBILITY = 32
-    cfg.OUTPUT_DIR = str(tmp_path)
-    test = cfg.MODEL.MASK_FORMER.TEST
-    test.SEMANTIC_ON, test.PANOPTIC_ON, test.INSTANCE_ON = semantic, panoptic, instance
-    return cfg
 
 
 def _one_hot(label, num_classes, fill):
     """num_classes x H x W scores whose argmax is ``label`` (``fill`` where label is out of range)."""
     label = torch.as_tensor(np.where(label < num_classes, label, fill))
     return torch.nn.functional.one_hot(label, num_classes).permute(2, 0, 1).float()
-
-
-def _evaluate(evaluator, dicts, outputs):
-    evaluator.reset()
-    for d, out in zip(dicts, outputs):
-        evaluator.process([d], [out])
-    return evaluator.evaluate()
 
 
 def test_prepare_script_shifts_labels(ade_root):
@@ -178,19 +145,19 @@ def test_sem_seg_150(ade_root, tmp_path):
     dicts = DatasetCatalog.get("ade20k_sem_seg_val")
     assert [os.path.basename(d["file_name"]) for d in dicts] == ["ADE_val_00000001.jpg"]
 
-    cfg = _cfg("ade20k_sem_seg_train", "mask_former_semantic", tmp_path)
+    cfg = evaluator_cfg("ade20k_sem_seg_train", "mask_former_semantic", tmp_path, (H, W))
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("ade20k_sem_seg_train")[0])
     assert sorted(out["instances"].gt_classes.tolist()) == [WALL, BED, CHAIR]
     assert tuple(out["sem_seg"].shape) == (32, 32)
 
     evaluator = build_evaluator(cfg, "ade20k_sem_seg_val", str(tmp_path))
     label = ade_root["label"]
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(label, NUM_CLASSES, LAMP)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(label, NUM_CLASSES, LAMP)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0)
 
     wrong = label.copy()
     wrong[label == CHAIR] = BED  # bed IoU 176 / (176 + 192); chair 0; wall 1; lamp (ignore pixels) uncounted
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, NUM_CLASSES, LAMP)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, NUM_CLASSES, LAMP)}])["sem_seg"]
     expected = (1 + Fraction(11 * 16, 23 * 16) + 0) / 3
     assert res["mIoU"] == pytest.approx(100 * float(expected))
     assert res["IoU-bed"] == pytest.approx(100 * 11 / 23) and res["IoU-chair"] == 0
@@ -199,17 +166,17 @@ def test_sem_seg_150(ade_root, tmp_path):
 def test_sem_seg_full_847_keeps_16_bit_labels(ade_root, tmp_path):
     meta = MetadataCatalog.get("ade20k_full_sem_seg_val")
     assert meta.ignore_label == ADE20K_FULL_IGNORE_LABEL and len(meta.stuff_classes) == ADE20K_FULL_NUM_CLASSES
-    cfg = _cfg("ade20k_full_sem_seg_train", "mask_former_semantic", tmp_path)
+    cfg = evaluator_cfg("ade20k_full_sem_seg_train", "mask_former_semantic", tmp_path, (H, W))
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("ade20k_full_sem_seg_train")[0])
     assert sorted(out["instances"].gt_classes.tolist()) == [300, ADE20K_FULL_NUM_CLASSES - 1]
 
     dicts = DatasetCatalog.get("ade20k_full_sem_seg_val")
     evaluator = build_evaluator(cfg, "ade20k_full_sem_seg_val", str(tmp_path))
     full = ade_root["full"]
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(full, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(full, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0)
     wrong = np.where(full == ADE20K_FULL_NUM_CLASSES - 1, 300, full)  # class 300: IoU 1/2; class 846: 0
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(25.0)
 
 
@@ -233,17 +200,17 @@ def test_panoptic(ade_root, tmp_path):
     dicts = DatasetCatalog.get("ade20k_panoptic_val")
     assert {s["category_id"]: s["isthing"] for s in dicts[0]["segments_info"]} == {WALL: False, BED: True, CHAIR: True}
 
-    cfg = _cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, semantic=True, panoptic=True)
+    cfg = evaluator_cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, (H, W), semantic=True, panoptic=True)
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("ade20k_panoptic_train")[0])
     assert sorted(out["instances"].gt_classes.tolist()) == [WALL, BED, CHAIR]
 
     evaluator = build_evaluator(cfg, "ade20k_panoptic_val", str(tmp_path))
     label, masks = ade_root["label"], ade_root["masks"]
-    res = _evaluate(evaluator, dicts, [{"panoptic_seg": _panoptic_output(masks),
+    res = evaluate(evaluator, dicts, [{"panoptic_seg": _panoptic_output(masks),
                                         "sem_seg": _one_hot(label, NUM_CLASSES, LAMP)}])
     assert res["panoptic_seg"]["PQ"] == pytest.approx(100.0) and res["sem_seg"]["mIoU"] == pytest.approx(100.0)
     # chair called lamp: wall and bed are true positives, chair a false negative, lamp a false positive
-    res = _evaluate(evaluator, dicts, [{"panoptic_seg": _panoptic_output(masks, {CHAIR: LAMP}),
+    res = evaluate(evaluator, dicts, [{"panoptic_seg": _panoptic_output(masks, {CHAIR: LAMP}),
                                         "sem_seg": _one_hot(label, NUM_CLASSES, LAMP)}])
     assert res["panoptic_seg"]["PQ"] == pytest.approx(50.0)
     assert res["panoptic_seg"]["PQ_th"] == pytest.approx(100 / 3)
@@ -265,7 +232,7 @@ def _instances_output(masks, relabel=None):
 def test_instance(ade_root, tmp_path):
     meta = MetadataCatalog.get("ade20k_instance_val")
     assert meta.evaluator_type == "coco" and len(meta.thing_classes) == 100
-    cfg = _cfg("ade20k_instance_train", "mask_former_instance", tmp_path)
+    cfg = evaluator_cfg("ade20k_instance_train", "mask_former_instance", tmp_path, (H, W))
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("ade20k_instance_train")[0])
     contiguous = {d: i for i, d in enumerate(ADE20K_THING_IDS)}
     assert sorted(out["instances"].gt_classes.tolist()) == [contiguous[BED], contiguous[CHAIR]]
@@ -273,9 +240,9 @@ def test_instance(ade_root, tmp_path):
     dicts = DatasetCatalog.get("ade20k_instance_val")
     evaluator = build_evaluator(cfg, "ade20k_instance_val", str(tmp_path))
     masks = ade_root["masks"]
-    assert _evaluate(evaluator, dicts, [_instances_output(masks)])["segm"]["AP"] == pytest.approx(100.0)
+    assert evaluate(evaluator, dicts, [_instances_output(masks)])["segm"]["AP"] == pytest.approx(100.0)
     # chair called lamp: bed AP 100, chair AP 0, lamp has no ground truth (not averaged)
-    res = _evaluate(evaluator, dicts, [_instances_output(masks, {CHAIR: LAMP})])
+    res = evaluate(evaluator, dicts, [_instances_output(masks, {CHAIR: LAMP})])
     assert res["segm"]["AP"] == pytest.approx(50.0)
 
 
@@ -291,14 +258,14 @@ def test_missing_folder_names_path_and_readme(tmp_path):
 
 def test_prepare_script_names_missing_raw_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ADEChallengeData2016/annotations/training.*datasets/README\.md"):
-        _load_script("prepare_ade20k_sem_seg").main(["--root", str(tmp_path)])
+        load_prepare_script("prepare_ade20k_sem_seg").main(["--root", str(tmp_path)])
 
 
 def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
     """Panoptic thing ids are not 0..N-1 (ADE20K things live among the 150 ids): detectron2's
     COCOEvaluator asserts there, qsegformers' InstanceSegEvaluator maps them itself."""
     register_all_ade20k(ade_root["root"])  # earlier tests re-register with other roots
-    cfg = _cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, semantic=False, instance=True)
+    cfg = evaluator_cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, (H, W), semantic=False, instance=True)
     evaluator = build_evaluator(cfg, "ade20k_panoptic_val", str(tmp_path))
     dicts = DatasetCatalog.get("ade20k_panoptic_val")
     masks = ade_root["masks"]
@@ -309,7 +276,7 @@ def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
         out["instances"].pred_classes = torch.tensor([(relabel or {}).get(c, c) for c in things])
         return out
 
-    assert _evaluate(evaluator, dicts, [output()])["segm"]["AP"] == pytest.approx(100.0)
-    assert _evaluate(evaluator, dicts, [output({CHAIR: LAMP})])["segm"]["AP"] == pytest.approx(50.0)
+    assert evaluate(evaluator, dicts, [output()])["segm"]["AP"] == pytest.approx(100.0)
+    assert evaluate(evaluator, dicts, [output({CHAIR: LAMP})])["segm"]["AP"] == pytest.approx(50.0)
     with pytest.raises(ValueError, match="not a thing class"):
-        _evaluate(evaluator, dicts, [output({CHAIR: 0})])  # class 0 (wall) is stuff
+        evaluate(evaluator, dicts, [output({CHAIR: 0})])  # class 0 (wall) is stuff

@@ -4,7 +4,6 @@ Panoptic val image: row 0 void; columns 0-15 "sky-other-merged" (stuff), columns
 (rows 1-11) over "dog" (rows 12-23). Stuff-10K image: row 0 unlabelled (0, plus one unused id),
 columns 0-15 "person", 16-31 "grass".
 """
-import importlib.util
 import json
 import os
 from fractions import Fraction
@@ -13,14 +12,12 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 from scipy.io import savemat
 
-from qsegformers.config import add_qsegformers_config
 from qsegformers.data.datasets.coco import (
     COCO_STUFF_171_CLASSES,
     COCO_STUFF_171_DATASET_IDS,
@@ -31,7 +28,8 @@ from qsegformers.data.datasets.coco import (
 from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+
 UNCLOSED_POOL = "ignore:unclosed running multiprocessing pool:ResourceWarning"  # panopticapi's pq_compute
 H, W = 24, 32
 IGNORE = 255
@@ -43,13 +41,6 @@ SEGMENT_IDS = {SKY: 5, PERSON: 6, DOG: 7}
 COUNTS = {"train": 2, "val": 1}
 UNUSED_STUFF_ID = 12  # a COCO thing id that no category uses
 GRASS_STUFF_ID = COCO_STUFF_171_DATASET_IDS[COCO_STUFF_171_CLASSES.index("grass")]
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _bbox(mask):
@@ -128,40 +119,16 @@ def coco_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("d2datasets"))
     masks = _make_coco_panoptic(root)
     _make_coco_stuff_10k(root)
-    assert _load_script("prepare_coco_semantic_annos_from_panoptic").main(["--root", root]) == 3
-    assert _load_script("prepare_coco_stuff_10k_sem_seg").main(["--root", root]) == 3
+    assert load_prepare_script("prepare_coco_semantic_annos_from_panoptic").main(["--root", root]) == 3
+    assert load_prepare_script("prepare_coco_stuff_10k_sem_seg").main(["--root", root]) == 3
     register_all_coco_extra(root)
     yield {"root": root, "masks": masks}
     register_all_coco_extra()
 
 
-def _cfg(dataset, mapper, tmp_path, semantic=True, panoptic=False, instance=False):
-    cfg = get_cfg()
-    add_qsegformers_config(cfg)
-    cfg.DATASETS.TRAIN = (dataset,)
-    cfg.INPUT.DATASET_MAPPER_NAME = mapper
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.MIN_SIZE_TRAIN = (H,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 4 * W
-    cfg.INPUT.CROP.ENABLED = False
-    cfg.INPUT.COLOR_AUG_SSD = False
-    cfg.INPUT.SIZE_DIVISIBILITY = 32
-    cfg.OUTPUT_DIR = str(tmp_path)
-    test = cfg.MODEL.MASK_FORMER.TEST
-    test.SEMANTIC_ON, test.PANOPTIC_ON, test.INSTANCE_ON = semantic, panoptic, instance
-    return cfg
-
-
 def _one_hot(label, num_classes, fill=0):
     label = torch.as_tensor(np.where(label < num_classes, label, fill).astype(np.int64))
     return torch.nn.functional.one_hot(label, num_classes).permute(2, 0, 1).float()
-
-
-def _evaluate(evaluator, dicts, outputs):
-    evaluator.reset()
-    for d, out in zip(dicts, outputs):
-        evaluator.process([d], [out])
-    return evaluator.evaluate()
 
 
 def _outputs(masks, relabel=None):
@@ -203,19 +170,19 @@ def test_panoptic_with_sem_seg(coco_root, tmp_path):
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == 1 and dicts[0]["sem_seg_file_name"].endswith("panoptic_semseg_val2017/000000000001.png")
 
-    cfg = _cfg("coco_2017_train_panoptic_with_sem_seg", "mask_former_panoptic", tmp_path, True, True, True)
+    cfg = evaluator_cfg("coco_2017_train_panoptic_with_sem_seg", "mask_former_panoptic", tmp_path, (H, W), True, True, True)
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("coco_2017_train_panoptic_with_sem_seg")[0])
     assert sorted(out["instances"].gt_classes.tolist()) == sorted(CONTIGUOUS[c] for c in SEGMENT_IDS)
 
     evaluator = build_evaluator(cfg, name, str(tmp_path))
     masks = coco_root["masks"]
-    res = _evaluate(evaluator, dicts, [_outputs(masks)])
+    res = evaluate(evaluator, dicts, [_outputs(masks)])
     assert res["panoptic_seg"]["PQ"] == pytest.approx(100.0)
     assert res["sem_seg"]["mIoU"] == pytest.approx(100.0)
     assert res["segm"]["AP"] == pytest.approx(100.0)
 
     # dog called cat: PQ over sky, person (TP), dog (FN), cat (FP); AP over person 100, dog 0
-    res = _evaluate(evaluator, dicts, [_outputs(masks, {DOG: CAT})])
+    res = evaluate(evaluator, dicts, [_outputs(masks, {DOG: CAT})])
     assert res["panoptic_seg"]["PQ"] == pytest.approx(50.0)
     assert res["panoptic_seg"]["PQ_th"] == pytest.approx(100 / 3)
     assert res["panoptic_seg"]["PQ_st"] == pytest.approx(100.0)
@@ -234,18 +201,18 @@ def test_coco_stuff_10k(coco_root, tmp_path):
 
     meta = MetadataCatalog.get("coco_2017_test_stuff_10k_sem_seg")
     assert len(meta.stuff_classes) == len(meta.stuff_colors) == 171 and meta.evaluator_type == "sem_seg"
-    cfg = _cfg("coco_2017_train_stuff_10k_sem_seg", "mask_former_semantic", tmp_path)
+    cfg = evaluator_cfg("coco_2017_train_stuff_10k_sem_seg", "mask_former_semantic", tmp_path, (H, W))
     train = DatasetCatalog.get("coco_2017_train_stuff_10k_sem_seg")
     assert len(train) == 2
     assert sorted(build_dataset_mapper(cfg, True)(train[0])["instances"].gt_classes.tolist()) == [person, grass]
 
     dicts = DatasetCatalog.get("coco_2017_test_stuff_10k_sem_seg")
     evaluator = build_evaluator(cfg, "coco_2017_test_stuff_10k_sem_seg", str(tmp_path))
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(label.astype(np.int64), 171)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(label.astype(np.int64), 171)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0)
     wrong = label.astype(np.int64)
     wrong[1:, 16:24] = person  # person IoU 16/24, grass IoU 8/16
-    res = _evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, 171)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, 171)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(100 * float((Fraction(2, 3) + Fraction(1, 2)) / 2))
 
 

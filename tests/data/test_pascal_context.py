@@ -3,7 +3,6 @@
 Val image: row 0 background (raw 0 -> ignore), columns 0-15 "sky", 16-31 "grass". ``JPEGImages``
 also holds an image of neither split, which the loader must not need.
 """
-import importlib.util
 import os
 from fractions import Fraction
 
@@ -23,19 +22,13 @@ from qsegformers.data.datasets.pascal_context import (
 from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset_test_utils import load_prepare_script
+
 H, W = 24, 32
 IGNORE = 255
 NUM_CLASSES = len(PASCAL_CONTEXT_59_CLASSES)
 SKY, GRASS = PASCAL_CONTEXT_59_CLASSES.index("sky"), PASCAL_CONTEXT_59_CLASSES.index("grass")
 SPLIT_NAMES = {"train": ["2008_000002", "2008_000003"], "val": ["2008_000005"]}
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def pc_root(tmp_path_factory):
             Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(os.path.join(paths["image_root"], name + ".jpg"))
             Image.fromarray(raw).save(os.path.join(paths["raw_sem_seg_root"], name + ".png"))
     Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(os.path.join(paths["image_root"], "2007_000027.jpg"))
-    assert _load_script("prepare_pascal_context_59").main(["--root", root]) == 3
+    assert load_prepare_script("prepare_pascal_context_59").main(["--root", root]) == 3
     register_all_pascal_context(root)
     yield root
     register_all_pascal_context()

@@ -2,24 +2,12 @@
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
 
 from qsegformers.config import add_qsegformers_config
 from qsegformers.pixel_decoders.build import build_pixel_decoder
 from qsegformers.pixel_decoders.fpn import BasePixelDecoder
 
-R50_SHAPES = {
-    "res2": ShapeSpec(channels=256, stride=4),
-    "res3": ShapeSpec(channels=512, stride=8),
-    "res4": ShapeSpec(channels=1024, stride=16),
-    "res5": ShapeSpec(channels=2048, stride=32),
-}
-TINY_SHAPES = {
-    "res2": ShapeSpec(channels=8, stride=4),
-    "res3": ShapeSpec(channels=16, stride=8),
-    "res4": ShapeSpec(channels=24, stride=16),
-    "res5": ShapeSpec(channels=32, stride=32),
-}
+from pixel_decoder_inputs import R50_SHAPES, TINY_SHAPES, random_features
 
 
 def _cfg(**head):
@@ -31,10 +19,6 @@ def _cfg(**head):
     for key, val in head.items():
         cfg.MODEL.SEM_SEG_HEAD[key] = val
     return cfg
-
-
-def _features(shapes, batch=2, size=64):
-    return {k: torch.randn(batch, s.channels, size // s.stride, size // s.stride) for k, s in shapes.items()}
 
 
 def test_state_dict_keys_follow_maskformer_names():
@@ -80,7 +64,7 @@ def test_in_features_filter_and_no_norm_uses_bias():
 def test_forward_shapes_and_strides():
     torch.manual_seed(0)
     model = build_pixel_decoder(_cfg(CONVS_DIM=32, MASK_DIM=16), TINY_SHAPES)
-    mask_features, encoder_features, multi_scale = model.forward_features(_features(TINY_SHAPES))
+    mask_features, encoder_features, multi_scale = model.forward_features(random_features(TINY_SHAPES))
     assert mask_features.shape == (2, 16, 16, 16)
     assert encoder_features is None
     assert [tuple(f.shape) for f in multi_scale] == [(2, 32, 2, 2), (2, 32, 4, 4), (2, 32, 8, 8)]
@@ -89,7 +73,7 @@ def test_forward_shapes_and_strides():
 def test_backward_gives_finite_gradients_on_every_parameter():
     torch.manual_seed(0)
     model = build_pixel_decoder(_cfg(CONVS_DIM=32, MASK_DIM=16), TINY_SHAPES)
-    mask_features, _, multi_scale = model.forward_features(_features(TINY_SHAPES, size=32))
+    mask_features, _, multi_scale = model.forward_features(random_features(TINY_SHAPES, size=32))
     loss = mask_features.square().mean() + sum(f.mean() for f in multi_scale)
     loss.backward()
     for name, param in model.named_parameters():

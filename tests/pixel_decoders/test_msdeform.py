@@ -5,30 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
 
 from qsegformers.config import add_qsegformers_config
 from qsegformers.pixel_decoders.build import build_pixel_decoder
 from qsegformers.pixel_decoders.msdeform import MSDeformAttnEncoder, MSDeformAttnPixelDecoder
 from qsegformers.pixel_decoders.position_encoding import PositionEmbeddingSine
 
+from pixel_decoder_inputs import R50_SHAPES, TINY_SHAPES, random_features
+
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"  # copied official facts
 REFERENCE_TSV = REFERENCE_DIR / "mask2former_ade20k_sem_r50_state_dict.tsv"
 REFERENCE_CONFIG = REFERENCE_DIR / "mask2former_ade20k_sem_r50_config.yaml"
 PREFIX = "sem_seg_head.pixel_decoder."
-
-R50_SHAPES = {
-    "res2": ShapeSpec(channels=256, stride=4),
-    "res3": ShapeSpec(channels=512, stride=8),
-    "res4": ShapeSpec(channels=1024, stride=16),
-    "res5": ShapeSpec(channels=2048, stride=32),
-}
-TINY_SHAPES = {
-    "res2": ShapeSpec(channels=8, stride=4),
-    "res3": ShapeSpec(channels=16, stride=8),
-    "res4": ShapeSpec(channels=24, stride=16),
-    "res5": ShapeSpec(channels=32, stride=32),
-}
 
 
 def _cfg(**head):
@@ -51,10 +39,6 @@ def _cfg(**head):
 
 def _tiny_cfg(**head):
     return _cfg(**{"CONVS_DIM": 32, "MASK_DIM": 16, "TRANSFORMER_ENC_LAYERS": 2, **head})
-
-
-def _features(shapes, batch=2, size=64):
-    return {k: torch.randn(batch, s.channels, size // s.stride, size // s.stride) for k, s in shapes.items()}
 
 
 def _reference_entries():
@@ -88,7 +72,7 @@ def test_forward_shapes_and_strides():
     torch.manual_seed(0)
     model = build_pixel_decoder(_tiny_cfg(), TINY_SHAPES)
     model.eval()
-    mask_features, encoder_features, multi_scale = model.forward_features(_features(TINY_SHAPES))
+    mask_features, encoder_features, multi_scale = model.forward_features(random_features(TINY_SHAPES))
     assert mask_features.shape == (2, 16, 16, 16)
     assert encoder_features.shape == (2, 32, 2, 2)
     assert [tuple(f.shape) for f in multi_scale] == [(2, 32, 2, 2), (2, 32, 4, 4), (2, 32, 8, 8)]
@@ -119,7 +103,7 @@ def test_backward_gives_finite_gradients_on_every_parameter():
         for layer in model.transformer.encoder.layers:
             layer.self_attn.sampling_offsets.weight.normal_(std=0.1)
             layer.self_attn.attention_weights.weight.normal_(std=0.1)
-    mask_features, _, multi_scale = model.forward_features(_features(TINY_SHAPES, size=64))
+    mask_features, _, multi_scale = model.forward_features(random_features(TINY_SHAPES, size=64))
     loss = mask_features.square().mean() + sum(f.square().mean() for f in multi_scale)
     loss.backward()
     for name, param in model.named_parameters():

@@ -28,19 +28,23 @@ def build_lsj_augmentations(cfg) -> list:
     return augs
 
 
+def _lsj_mapper_config(cfg, is_train: bool) -> dict:
+    """Constructor arguments shared by both LSJ mappers: outputs padded to IMAGE_SIZE x IMAGE_SIZE."""
+    return {
+        "is_train": is_train,
+        "augmentations": build_lsj_augmentations(cfg),
+        "image_format": cfg.INPUT.FORMAT,
+        "size_divisibility": cfg.INPUT.IMAGE_SIZE,
+    }
+
+
 @register_mapper("coco_panoptic_lsj")
 class COCOPanopticLSJDatasetMapper(MaskFormerPanopticDatasetMapper):
     """The panoptic mapper with LSJ augmentation; outputs are padded to IMAGE_SIZE x IMAGE_SIZE."""
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        return {
-            "is_train": is_train,
-            "augmentations": build_lsj_augmentations(cfg),
-            "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": ignore_label_from_cfg(cfg),
-            "size_divisibility": cfg.INPUT.IMAGE_SIZE,
-        }
+        return {**_lsj_mapper_config(cfg, is_train), "ignore_label": ignore_label_from_cfg(cfg)}
 
 
 @register_mapper("coco_instance_lsj")
@@ -49,9 +53,4 @@ class COCOInstanceLSJDatasetMapper(MaskFormerInstanceDatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        return {
-            "is_train": is_train,
-            "augmentations": build_lsj_augmentations(cfg),
-            "image_format": cfg.INPUT.FORMAT,
-            "size_divisibility": cfg.INPUT.IMAGE_SIZE,
-        }
+        return _lsj_mapper_config(cfg, is_train)
