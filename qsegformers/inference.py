@@ -8,6 +8,7 @@ Two class activations are supported, named by the decoder:
 All functions take one image: ``mask_cls`` Q x C class logits and ``mask_pred`` Q x H x W mask
 logits (already resized to the output resolution by the caller).
 """
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "semantic_inference",
     "panoptic_inference",
     "instance_inference",
+    "QueryPostprocessing",
 ]
 
 ACTIVATIONS = ("softmax", "sigmoid")
@@ -203,3 +205,47 @@ def instance_inference(
     result.scores = class_scores * mask_scores
     result.pred_classes = pred_classes
     return result
+
+
+@dataclass(frozen=True)
+class QueryPostprocessing:
+    """The inference settings of one model, applied to one image's query predictions.
+
+    The meta-architecture builds it from its config; test-time augmentation reuses it on the
+    queries pooled over augmentations, so both paths post-process with the same settings.
+    """
+
+    num_classes: int
+    activation: str = "softmax"
+    object_mask_threshold: float = 0.0
+    overlap_threshold: float = 0.0
+    thing_ids: Set[int] = field(default_factory=set)
+    topk: int = 100
+    panoptic_on: bool = False
+
+    def semantic(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+        """K x H x W scores (see :func:`semantic_inference`)."""
+        return semantic_inference(mask_cls, mask_pred, activation=self.activation)
+
+    def panoptic(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> Tuple[torch.Tensor, List[Dict]]:
+        """(H x W segment ids, segments_info) (see :func:`panoptic_inference`)."""
+        return panoptic_inference(
+            mask_cls,
+            mask_pred,
+            num_classes=self.num_classes,
+            object_mask_threshold=self.object_mask_threshold,
+            overlap_threshold=self.overlap_threshold,
+            thing_ids=self.thing_ids,
+            activation=self.activation,
+        )
+
+    def instances(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor, topk: Optional[int] = None) -> Instances:
+        """Top-k instances (see :func:`instance_inference`); on a panoptic dataset only thing classes."""
+        return instance_inference(
+            mask_cls,
+            mask_pred,
+            num_classes=self.num_classes,
+            topk=self.topk if topk is None else topk,
+            thing_ids=self.thing_ids if self.panoptic_on else None,
+            activation=self.activation,
+        )

@@ -94,3 +94,10 @@ def test_panoptic_and_instance_metrics_go_up_with_training(tmp_path, task, key, 
                     "MODEL.WEIGHTS", "")
     untrained = final_results(log, key)[metric]
     assert trained > untrained + margin, f"{metric} did not go up with training: {untrained} -> {trained}"
+    # panoptic / instance test-time augmentation of the trained checkpoint (two scales + flip)
+    log_tta = train_net("--eval-only", "--config-file", cfg, *FAST, "OUTPUT_DIR", str(tmp_path / "tta"),
+                        "MODEL.WEIGHTS", str(tmp_path / "train" / "model_final.pth"),
+                        "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(80, 112)", "TEST.AUG.FLIP", "True")
+    assert "inference with test-time augmentation" in log_tta
+    tta = final_results(log_tta, key)[metric]  # the last block is the TTA one
+    assert tta > untrained + margin, f"TTA {metric} {tta} is not above the untrained model's {untrained}"

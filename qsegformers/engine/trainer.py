@@ -20,7 +20,7 @@ from .evaluators import build_evaluator, get_evaluator_type
 from .hooks import replace_lr_scheduler_hook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
-from .tta import SemanticSegmentorWithTTA
+from .tta import MaskFormerWithTTA
 
 __all__ = ["Trainer"]
 
@@ -100,16 +100,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test_with_TTA(cls, cfg, model):
         """Evaluate with multi-scale + flip test-time augmentation (``TEST.AUG.*``); keys get "_TTA"."""
-        test = cfg.MODEL.MASK_FORMER.TEST
-        if test.PANOPTIC_ON or test.INSTANCE_ON:
-            raise ValueError(
-                "TEST.AUG.ENABLED: test-time augmentation is implemented for semantic segmentation only; "
-                "set MODEL.MASK_FORMER.TEST.PANOPTIC_ON and INSTANCE_ON to False to use it."
-            )
         logger.info("Running inference with test-time augmentation ...")
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, TTA_OUTPUT_SUBDIR))
             for name in cfg.DATASETS.TEST
         ]
-        results = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
+        results = cls.test(cfg, MaskFormerWithTTA(cfg, model), evaluators)
         return OrderedDict((k + "_TTA", v) for k, v in results.items())
