@@ -1,8 +1,9 @@
-"""ADE20K (150, full 847, panoptic, instance) on a miniature copy in the official layout.
+"""ADE20K (150, full 847, panoptic, instance) on a miniature copy made by the prepare scripts.
 
-Each val image: row 0 unlabelled; columns 0-15 "wall" (stuff), columns 16-31 "bed" (rows 1-11) over
-"chair" (rows 12-23), both things. Prepare script -> DatasetCatalog -> training mapper -> evaluator on
-the ground truth (100) and on a prediction that calls the chair something else (values by hand).
+Raw files in the official formats (``test_ade20k_prepare.py`` writes them) -> the four prepare scripts ->
+DatasetCatalog -> training mapper -> evaluator on the ground truth (100) and on a prediction that calls
+the chair something else (values by hand). Each image: row 0 unlabelled; columns 0-15 "wall" (stuff),
+columns 16-31 "bed" (rows 1-11) over "chair" (rows 12-23), both things.
 """
 import json
 import os
@@ -28,15 +29,19 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+from test_ade20k_prepare import read_panoptic, read_tif, write_ade_full, write_ade_image, write_instance_devkit
 
 H, W = 24, 32
 WALL, BED, CHAIR, LAMP = 0, 7, 19, 36  # contiguous ids (== dataset ids of ADE20K panoptic/instance)
 IGNORE = 255
 NUM_CLASSES = len(ADE20K_150_CLASSES)
-SEGMENT_IDS = {WALL: 11, BED: 22, CHAIR: 33}
+SEGMENT_IDS = {WALL: 11, BED: 22, CHAIR: 33}  # of the predictions
+GT_SEGMENT_IDS = {WALL: 1, BED: 2, CHAIR: 3}  # the pan script numbers stuff, then instances in G order
 # panopticapi's pq_compute leaves its multiprocessing pool to the garbage collector
 UNCLOSED_POOL = "ignore:unclosed running multiprocessing pool:ResourceWarning"
 SPLITS = {"train": ("training", 2), "val": ("validation", 1)}
+FULL_WALL, FULL_BED, FULL_ONLY = 300, 700, {"train": 5, "val": 9}  # ADE-full class values
+FULL_NAMES = [f"ade object {k}" for k in range(1, 800)]  # objectnames[k - 1] names class value k
 
 
 def _label_layout():
@@ -48,77 +53,43 @@ def _label_layout():
     return label, {c: label == c for c in SEGMENT_IDS}
 
 
-def _write_json(path, data):
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
 def _make_ade(root):
-    """ADEChallengeData2016 images/annotations (raw: 0 = other, 1..150) and panoptic/instance files."""
-    from panopticapi.utils import id2rgb
-
+    """Raw ADEChallengeData2016 (images, SceneParsing PNGs, instance-challenge PNGs: bed G = 1, chair G = 2,
+    devkit files), then the four prepare scripts' outputs."""
     label, masks = _label_layout()
-    raw = np.where(label == IGNORE, 0, label + 1).astype(np.uint8)
-    categories = [{"id": i, "name": n, "isthing": int(i in ADE20K_THING_IDS), "color": [i, i, i]}
-                  for i, n in enumerate(ADE20K_150_CLASSES)]
-    for split, (dirname, count) in SPLITS.items():
-        paths = ade20k_paths(root, split)
-        for key in ("image_root", "raw_sem_seg_root", "panoptic_root"):
-            os.makedirs(paths[key])
-        images, pan_anns, inst_anns, inst_images = [], [], [], []
+    write_instance_devkit(root)
+    for split, (_, count) in SPLITS.items():
         for i in range(1, count + 1):
-            stem = f"ADE_{split}_{i:08d}"
-            rng = np.random.default_rng(i)
-            Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
-                os.path.join(paths["image_root"], stem + ".jpg"))
-            Image.fromarray(raw).save(os.path.join(paths["raw_sem_seg_root"], stem + ".png"))
-            pan = np.zeros((H, W), dtype=np.uint32)
-            segments = []
-            for cls, mask in masks.items():
-                pan[mask] = SEGMENT_IDS[cls]
-                segments.append({"id": SEGMENT_IDS[cls], "category_id": cls, "area": int(mask.sum()),
-                                 "bbox": _bbox(mask), "iscrowd": 0})
-                if cls in ADE20K_THING_IDS:
-                    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    inst_anns.append({"id": len(inst_anns) + 1, "image_id": i, "category_id": cls,
-                                      "segmentation": rle, "area": int(mask.sum()), "bbox": _bbox(mask),
-                                      "iscrowd": 0})
-            Image.fromarray(id2rgb(pan)).save(os.path.join(paths["panoptic_root"], stem + ".png"))
-            images.append({"id": stem, "file_name": stem + ".jpg", "height": H, "width": W})
-            inst_images.append({"id": i, "file_name": stem + ".jpg", "height": H, "width": W})
-            pan_anns.append({"image_id": stem, "file_name": stem + ".png", "segments_info": segments})
-        _write_json(paths["panoptic_json"], {"images": images, "annotations": pan_anns, "categories": categories})
-        _write_json(paths["instances_json"], {
-            "images": inst_images, "annotations": inst_anns,
-            # names spelled differently from the registered thing_classes, as in Mask2Former's json
-            "categories": [dict(c, name=c["name"].upper()) for c in categories if c["isthing"]]})
+            write_ade_image(root, split, f"ADE_{split}_{i:08d}", label, [(masks[BED], BED), (masks[CHAIR], CHAIR)],
+                            seed=i)
+    load_prepare_script("prepare_ade20k_sem_seg").main(["--root", root])
+    assert load_prepare_script("prepare_ade20k_pan_seg").main(["--root", root]) == 3
+    assert load_prepare_script("prepare_ade20k_ins_seg").main(["--root", root]) == 6
     return label, masks
 
 
-def _make_ade_full(root, labels):
-    """ADE20K_2021_17_01 with one 16-bit TIFF label image per split."""
-    for split in SPLITS:
-        paths = ade20k_paths(root, split)
-        os.makedirs(paths["full_image_root"])
-        os.makedirs(paths["full_sem_seg_root"])
-        Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(os.path.join(paths["full_image_root"], "a.jpg"))
-        Image.fromarray(labels.astype(np.uint16)).save(os.path.join(paths["full_sem_seg_root"], "a.tif"))
-
-
-def _bbox(mask):
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+def _make_ade_full(root):
+    """Raw ADE20K_2021_17_01 with the miniature layout: wall region = class value 300, bed region = 700,
+    chair region = 5 in the training images and 9 in the validation image, row 0 unlabelled. Rule
+    "both" keeps 300 (train id 0) and 700 (train id 1); 5 and 9 become 65535."""
+    label, _ = _label_layout()
+    images = []
+    for split, (dirname, count) in SPLITS.items():
+        values = np.select([label == WALL, label == BED, label == CHAIR],
+                           [FULL_WALL, FULL_BED, FULL_ONLY[split]], 0)
+        images += [(dirname, "bedroom", f"ADE_{split}_{i:08d}", values) for i in range(1, count + 1)]
+    write_ade_full(root, images, FULL_NAMES)
+    assert load_prepare_script("prepare_ade20k_full_sem_seg").main(["--root", root]) == 3
+    full = np.full((H, W), ADE20K_FULL_IGNORE_LABEL, dtype=np.int64)
+    full[label == WALL], full[label == BED] = 0, 1
+    return full
 
 
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("d2datasets"))
     label, masks = _make_ade(root)
-    full = np.full((H, W), ADE20K_FULL_IGNORE_LABEL, dtype=np.int64)
-    full[1:, :16], full[1:, 16:] = 300, ADE20K_FULL_NUM_CLASSES - 1
-    _make_ade_full(root, full)
-    load_prepare_script("prepare_ade20k_sem_seg").main(["--root", root])
+    full = _make_ade_full(root)
     register_all_ade20k(root)
     yield {"root": root, "label": label, "masks": masks, "full": full}
     register_all_ade20k()
@@ -163,21 +134,38 @@ def test_sem_seg_150(ade_root, tmp_path):
     assert res["IoU-bed"] == pytest.approx(100 * 11 / 23) and res["IoU-chair"] == 0
 
 
-def test_sem_seg_full_847_keeps_16_bit_labels(ade_root, tmp_path):
+def test_full_script_output_and_names(ade_root):
+    with open(ade20k_paths(ade_root["root"], "val")["full_categories_json"]) as f:
+        cats = json.load(f)["categories"]
+    assert cats == [{"trainId": 0, "id": FULL_WALL, "name": "ade object 300"},
+                    {"trainId": 1, "id": FULL_BED, "name": "ade object 700"}]
+    for split in SPLITS:
+        out = read_tif(os.path.join(ade20k_paths(ade_root["root"], split)["full_sem_seg_root"],
+                                    f"ADE_{split}_00000001.tif"))
+        assert out.dtype == np.uint16
+        np.testing.assert_array_equal(out, ade_root["full"])
     meta = MetadataCatalog.get("ade20k_full_sem_seg_val")
-    assert meta.ignore_label == ADE20K_FULL_IGNORE_LABEL and len(meta.stuff_classes) == ADE20K_FULL_NUM_CLASSES
+    assert meta.stuff_classes == ["ade object 300", "ade object 700"] and len(meta.stuff_colors) == 2
+
+
+def test_sem_seg_full_keeps_16_bit_labels(ade_root, tmp_path):
+    meta = MetadataCatalog.get("ade20k_full_sem_seg_val")
+    assert meta.ignore_label == ADE20K_FULL_IGNORE_LABEL
+    assert len(DatasetCatalog.get("ade20k_full_sem_seg_train")) == 2
     cfg = evaluator_cfg("ade20k_full_sem_seg_train", "mask_former_semantic", tmp_path, (H, W))
     out = build_dataset_mapper(cfg, is_train=True)(DatasetCatalog.get("ade20k_full_sem_seg_train")[0])
-    assert sorted(out["instances"].gt_classes.tolist()) == [300, ADE20K_FULL_NUM_CLASSES - 1]
+    assert sorted(out["instances"].gt_classes.tolist()) == [0, 1]
 
     dicts = DatasetCatalog.get("ade20k_full_sem_seg_val")
     evaluator = build_evaluator(cfg, "ade20k_full_sem_seg_val", str(tmp_path))
     full = ade_root["full"]
-    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(full, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(full, 2, 0)}])["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0)
-    wrong = np.where(full == ADE20K_FULL_NUM_CLASSES - 1, 300, full)  # class 300: IoU 1/2; class 846: 0
-    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, ADE20K_FULL_NUM_CLASSES, 0)}])["sem_seg"]
-    assert res["mIoU"] == pytest.approx(25.0)
+    # bed region called wall: class 0 IoU 368 / (368 + 176), class 1 IoU 0; ignored pixels uncounted
+    wrong = np.where(full == 1, 0, full)
+    res = evaluate(evaluator, dicts, [{"sem_seg": _one_hot(wrong, 2, 1)}])["sem_seg"]
+    assert res["mIoU"] == pytest.approx(100 * 368 / 544 / 2)
+    assert res["IoU-ade object 300"] == pytest.approx(100 * 368 / 544)
 
 
 def _panoptic_output(masks, relabel=None):
@@ -189,6 +177,38 @@ def _panoptic_output(masks, relabel=None):
         pred = relabel.get(cls, cls)
         segments.append({"id": SEGMENT_IDS[cls], "category_id": pred, "isthing": pred in ADE20K_THING_IDS})
     return pan, segments
+
+
+def test_pan_and_ins_script_outputs(ade_root):
+    paths = ade20k_paths(ade_root["root"], "val")
+    masks = ade_root["masks"]
+    expected = np.zeros((H, W), dtype=np.int64)
+    for cls, mask in masks.items():
+        expected[mask] = GT_SEGMENT_IDS[cls]
+    np.testing.assert_array_equal(read_panoptic(os.path.join(paths["panoptic_root"], "ADE_val_00000001.png")),
+                                  expected)
+    with open(paths["panoptic_json"]) as f:
+        pan = json.load(f)
+    assert pan["images"] == [{"id": "ADE_val_00000001", "file_name": "ADE_val_00000001.jpg", "width": W, "height": H}]
+    assert pan["annotations"] == [{
+        "image_id": "ADE_val_00000001", "file_name": "ADE_val_00000001.png", "segments_info": [
+            {"id": 1, "category_id": WALL, "area": 23 * 16, "bbox": [0, 1, 16, 23], "iscrowd": 0},
+            {"id": 2, "category_id": BED, "area": 11 * 16, "bbox": [16, 1, 16, 11], "iscrowd": 0},
+            {"id": 3, "category_id": CHAIR, "area": 12 * 16, "bbox": [16, 12, 16, 12], "iscrowd": 0}]}]
+    assert [(c["id"], c["name"], c["isthing"]) for c in pan["categories"][:8]] == [
+        (i, ADE20K_150_CLASSES[i], int(i == BED)) for i in range(8)]
+
+    with open(paths["instances_json"]) as f:
+        ins = json.load(f)
+    assert [(a["id"], a["image_id"], a["category_id"], a["area"], a["bbox"]) for a in ins["annotations"]] == [
+        (1, "ADE_val_00000001", BED, 176, [16, 1, 16, 11]), (2, "ADE_val_00000001", CHAIR, 192, [16, 12, 16, 12])]
+    for anno, cls in zip(ins["annotations"], (BED, CHAIR)):
+        np.testing.assert_array_equal(mask_util.decode(anno["segmentation"]).astype(bool), masks[cls])
+    # names from the devkit json (upper case in the generated one), ids = 0-based ADE150 ids
+    assert {"id": BED, "name": ADE20K_150_CLASSES[BED].upper()} in ins["categories"]
+    assert len(ins["categories"]) == 100
+    with open(ade20k_paths(ade_root["root"], "train")["instances_json"]) as f:
+        assert [a["id"] for a in json.load(f)["annotations"]] == [1, 2, 3, 4]  # unique over the split
 
 
 @pytest.mark.filterwarnings(UNCLOSED_POOL)
@@ -252,6 +272,9 @@ def test_missing_folder_names_path_and_readme(tmp_path):
         for name in ("ade20k_sem_seg_val", "ade20k_full_sem_seg_val", "ade20k_panoptic_val", "ade20k_instance_val"):
             with pytest.raises(FileNotFoundError, match=r"nowhere.*datasets/README\.md"):
                 DatasetCatalog.get(name)
+        # no category list written yet: placeholder names for the 847 classes
+        names = MetadataCatalog.get("ade20k_full_sem_seg_val").stuff_classes
+        assert len(names) == ADE20K_FULL_NUM_CLASSES and names[300] == "ade20k_full_300"
     finally:
         register_all_ade20k()
 
@@ -265,7 +288,8 @@ def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
     """Panoptic thing ids are not 0..N-1 (ADE20K things live among the 150 ids): detectron2's
     COCOEvaluator asserts there, qsegformers' InstanceSegEvaluator maps them itself."""
     register_all_ade20k(ade_root["root"])  # earlier tests re-register with other roots
-    cfg = evaluator_cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, (H, W), semantic=False, instance=True)
+    cfg = evaluator_cfg("ade20k_panoptic_train", "mask_former_panoptic", tmp_path, (H, W), semantic=False,
+                        instance=True)
     evaluator = build_evaluator(cfg, "ade20k_panoptic_val", str(tmp_path))
     dicts = DatasetCatalog.get("ade20k_panoptic_val")
     masks = ade_root["masks"]

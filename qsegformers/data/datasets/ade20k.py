@@ -5,18 +5,26 @@ Registered (root ``$DETECTRON2_DATASETS``, default ``datasets``; layouts in ``da
 * ``ade20k_sem_seg_{train,val}``: 150-class semantic segmentation (``sem_seg``). detectron2 registers
   these at import without ``stuff_colors`` and without an existence check; they are re-registered
   here with both, same files and class names.
-* ``ade20k_full_sem_seg_{train,val}``: ADE20K-full, 847 classes, 16-bit TIFF labels, ignore 65535.
+* ``ade20k_full_sem_seg_{train,val}``: ADE20K-full, 847 classes, 16-bit TIFF labels, ignore 65535. The
+  class names are read, when the metadata is accessed, from ``ADE20K_2021_17_01/ade20k_full_categories.json``
+  (written by ``datasets/prepare_ade20k_full_sem_seg.py``); placeholders when that file is absent.
 * ``ade20k_panoptic_{train,val}``: 150 classes (100 things + 50 stuff), ``ade20k_panoptic_seg``,
   with the semantic labels of ``annotations_detectron2`` and the instance json for INSTANCE_ON.
 * ``ade20k_instance_{train,val}``: the 100 thing classes (``coco``).
 
 As in Mask2Former, the panoptic ``thing_dataset_id_to_contiguous_id`` maps into the 150 contiguous ids
 (the model predicts all 150 classes), whereas the instance datasets map the 100 things to 0..99.
+
+The readers of the raw releases (instance-challenge PNGs, category mapping, ADE-full category list) live
+here too, shared by the ``datasets/prepare_ade20k_*.py`` scripts.
 """
 import functools
+import json
 import os
 
 import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
@@ -35,8 +43,15 @@ __all__ = [
     "ADE20K_FULL_NUM_CLASSES",
     "ADE20K_THING_IDS",
     "ADE20K_DATASET_NAMES",
+    "ADE20K_FULL_SOURCE",
+    "ADE20K_INSTANCE_SOURCE",
+    "ade20k_full_classes",
     "ade20k_paths",
+    "instance_segments",
+    "load_full_categories",
+    "read_instance_catid_mapping",
     "register_all_ade20k",
+    "require_raw_input",
 ]
 
 ADE20K_ROOT = "ADEChallengeData2016"
@@ -47,6 +62,15 @@ ADE20K_FULL_IGNORE_LABEL = 65535  # labels are 16-bit: 847 classes do not fit in
 ADE20K_FULL_NUM_CLASSES = 847
 ADE20K_FULL_COLOR_SEED = 847
 LABEL_DIVISOR = 1000
+ADE20K_INSTANCE_MAPPING = "ade20k_instance_catid_mapping.txt"  # instance id (1..100) -> ADE150 id (1..150)
+ADE20K_INSTANCE_CATEGORIES = "ade20k_instance_imgCatIds.json"  # COCO-style list of the 100 categories
+ADE20K_FULL_CATEGORIES = "ade20k_full_categories.json"  # written by prepare_ade20k_full_sem_seg.py
+ADE20K_INSTANCE_SOURCE = (
+    "ADE20K instance-segmentation challenge: http://sceneparsing.csail.mit.edu/data/ChallengeData2017/"
+    "annotations_instance.tar (PNGs); the two devkit files ade20k_instance_catid_mapping.txt and "
+    "ade20k_instance_imgCatIds.json ship with Mask2Former (datasets/) and the challenge devkit"
+)
+ADE20K_FULL_SOURCE = "ADE20K 2021 release ADE20K_2021_17_01.zip from https://ade20k.csail.mit.edu (registration)"
 
 ADE20K_150_CLASSES = list(ADE20K_SEM_SEG_CATEGORIES)  # detectron2's names (== MaskFormer's)
 
@@ -97,14 +121,110 @@ ADE20K_DATASET_NAMES = {
 }
 
 
-def ade20k_full_classes() -> list:
-    """Placeholder names ``ade20k_full_000``..``846``: the official 847 names are not reproduced here."""
+def load_full_categories(path: str) -> list:
+    """ADE-full categories ``[{"trainId", "id", "name"}]`` sorted by trainId (0..N-1, checked).
+
+    ``path`` is our ``ade20k_full_categories.json`` (``{"categories": [...]}``) or a bare list in the same
+    format as Mask2Former's ``ADE20K_SEM_SEG_FULL_CATEGORIES`` (``name``, ``id`` = ADE object index,
+    ``trainId``).
+    """
+    with open(path) as f:
+        data = json.load(f)
+    cats = sorted(data["categories"] if isinstance(data, dict) else data, key=lambda c: c["trainId"])
+    if [c["trainId"] for c in cats] != list(range(len(cats))):
+        raise ValueError(f"{path}: the trainId values must be 0..{len(cats) - 1}, each once.")
+    if len(cats) >= ADE20K_FULL_IGNORE_LABEL:
+        raise ValueError(f"{path}: {len(cats)} categories do not fit below the ignore label "
+                         f"{ADE20K_FULL_IGNORE_LABEL}.")
+    return cats
+
+
+@functools.lru_cache(maxsize=4)
+def _full_names_from_file(path: str, mtime_ns: int) -> tuple:
+    return tuple(c["name"] for c in load_full_categories(path))
+
+
+def ade20k_full_classes(categories_json: str = None) -> list:
+    """ADE-full class names, index = train id.
+
+    From ``categories_json`` when given and present (re-read when the file changes); otherwise the
+    placeholders ``ade20k_full_000``..``846`` (the official 847 names are not reproduced here).
+    """
+    if categories_json is not None and os.path.isfile(categories_json):
+        return list(_full_names_from_file(categories_json, os.stat(categories_json).st_mtime_ns))
     return [f"ade20k_full_{i:03d}" for i in range(ADE20K_FULL_NUM_CLASSES)]
 
 
-def ade20k_full_colors() -> list:
+def ade20k_full_colors(num_classes: int = ADE20K_FULL_NUM_CLASSES) -> list:
     rng = np.random.default_rng(ADE20K_FULL_COLOR_SEED)
-    return rng.integers(0, 256, size=(ADE20K_FULL_NUM_CLASSES, 3)).tolist()
+    return rng.integers(0, 256, size=(num_classes, 3)).tolist()
+
+
+class _Ade20kFullMetadata(Metadata):
+    """Metadata whose ``stuff_classes``/``stuff_colors`` are read from ``categories_json`` on access.
+
+    Registration must not touch the disk, yet the names are only known once the prepare script has
+    run; a property makes every reader (SemSegEvaluator at construction, Visualizer, demo) see them.
+    """
+
+    @property
+    def stuff_classes(self) -> list:
+        return ade20k_full_classes(self.__dict__.get("categories_json"))
+
+    @property
+    def stuff_colors(self) -> list:
+        return ade20k_full_colors(len(self.stuff_classes))
+
+
+def require_raw_input(path: str, what: str, source: str) -> None:
+    """FileNotFoundError naming ``path`` (one raw input of a prepare script) and where to get it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {os.path.abspath(path)} does not exist. Get it from the "
+                                f"{source}; the expected layout is in datasets/README.md.")
+
+
+def read_instance_catid_mapping(path: str) -> dict:
+    """``{instance-challenge id (1..100): contiguous ADE150 id (0..149)}`` from the devkit mapping file.
+
+    The file has a header line, then one line per category whose first two whitespace-separated
+    columns are the instance id and the 1-based ADE150 id (further columns, a name, are ignored).
+    The ADE150 ids must be exactly the 100 ``ADE20K_THING_IDS`` (+1), which the loaders use.
+    """
+    require_raw_input(path, "ADE20K instance category mapping", ADE20K_INSTANCE_SOURCE)
+    mapping = {}
+    with open(path) as f:
+        lines = f.read().splitlines()[1:]
+    for num, line in enumerate(lines, start=2):
+        cols = line.split()
+        if not cols:
+            continue
+        if len(cols) < 2 or not (cols[0].isdigit() and cols[1].isdigit()):
+            raise ValueError(f"{path}:{num}: expected '<instance id> <ADE150 id> ...', got {line!r}")
+        mapping[int(cols[0])] = int(cols[1]) - 1
+    if sorted(mapping.values()) != sorted(ADE20K_THING_IDS):
+        raise ValueError(f"{path}: the ADE150 ids (minus 1) must be the 100 thing ids ADE20K_THING_IDS, got "
+                         f"{sorted(set(mapping.values()))}")
+    return mapping
+
+
+def instance_segments(ins_rgb: np.ndarray, mapping: dict, path: str = "") -> list:
+    """``[(mask, category)]`` per instance of an instance-challenge PNG, in increasing instance id.
+
+    ``ins_rgb``: H x W x 3 uint8, R = instance-challenge category (1..100), G = instance id (0 = none).
+    ``mask``: H x W bool; ``category``: contiguous ADE150 id (0..149) through ``mapping``.
+    """
+    cat_ids, ins_ids = ins_rgb[..., 0], ins_rgb[..., 1]
+    out = []
+    for ins_id in np.unique(ins_ids):
+        if ins_id == 0:
+            continue
+        mask = ins_ids == ins_id
+        cats = np.unique(cat_ids[mask])
+        if len(cats) != 1 or int(cats[0]) not in mapping:
+            raise ValueError(f"{path}: instance {int(ins_id)} has category value(s) {cats.tolist()}; expected "
+                             f"one instance-challenge id in 1..{max(mapping)}")
+        out.append((mask, mapping[int(cats[0])]))
+    return out
 
 
 def ade20k_paths(root: str, split: str) -> dict:
@@ -114,9 +234,14 @@ def ade20k_paths(root: str, split: str) -> dict:
         "image_root": os.path.join(ade, "images", dirname),
         "raw_sem_seg_root": os.path.join(ade, "annotations", dirname),
         "sem_seg_root": os.path.join(ade, "annotations_detectron2", dirname),
+        "raw_instance_root": os.path.join(ade, "annotations_instance", dirname),
+        "instance_mapping": os.path.join(ade, ADE20K_INSTANCE_MAPPING),
+        "instance_categories": os.path.join(ade, ADE20K_INSTANCE_CATEGORIES),
         "panoptic_root": os.path.join(ade, f"ade20k_panoptic_{split}"),
         "panoptic_json": os.path.join(ade, f"ade20k_panoptic_{split}.json"),
         "instances_json": os.path.join(ade, f"ade20k_instance_{split}.json"),
+        "full_root": full,
+        "full_categories_json": os.path.join(full, ADE20K_FULL_CATEGORIES),
         "full_image_root": os.path.join(full, "images_detectron2", dirname),
         "full_sem_seg_root": os.path.join(full, "annotations_detectron2", dirname),
     }
@@ -159,10 +284,11 @@ def register_all_ade20k(root: str = None) -> list:
         name = ADE20K_DATASET_NAMES["full_sem_seg"][split]
         register_or_replace(
             name, functools.partial(load_sem_seg_by_labels, name, paths["full_sem_seg_root"],
-                                    paths["full_image_root"], "tif", "jpg"),
-            stuff_classes=ade20k_full_classes(), stuff_colors=ade20k_full_colors(),
-            image_root=paths["full_image_root"], sem_seg_root=paths["full_sem_seg_root"],
-            evaluator_type="sem_seg", ignore_label=ADE20K_FULL_IGNORE_LABEL)
+                                    paths["full_image_root"], "tif", "jpg"))
+        MetadataCatalog[name] = _Ade20kFullMetadata(name=name).set(
+            categories_json=paths["full_categories_json"], image_root=paths["full_image_root"],
+            sem_seg_root=paths["full_sem_seg_root"], evaluator_type="sem_seg",
+            ignore_label=ADE20K_FULL_IGNORE_LABEL)
 
         name = ADE20K_DATASET_NAMES["panoptic"][split]
         register_or_replace(
