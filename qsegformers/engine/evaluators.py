@@ -9,6 +9,12 @@
 * ``cityscapes_panoptic_seg``: COCOPanopticEvaluator, CityscapesSemSegEvaluator and
   CityscapesInstanceEvaluator, as switched on by ``PANOPTIC_ON``, ``SEMANTIC_ON``, ``INSTANCE_ON``.
 
+The Cityscapes evaluators are detectron2's, subclassed (``SafeCityscapes*Evaluator``) for two habits
+of cityscapesscripts 2.x: its instance evaluation writes ``matches.json`` into the working directory
+(it runs in a scratch folder here), and its errors call ``sys.exit`` (turned into a RuntimeError that
+names the dataset). Results keep detectron2's keys: ``sem_seg`` has ``IoU`` (not ``mIoU``), ``iIoU``,
+``IoU_sup``, ``iIoU_sup``; ``segm`` has ``AP`` and ``AP50``.
+
 The ``*_ON`` switches (``MODEL.MASK_FORMER.TEST``) also decide which outputs the model produces, so an
 evaluator is only built for an output that exists. COCO evaluation always uses pycocotools
 (``use_fast_impl=False``): detectron2's fast implementation needs compiled ops a pure-Python install
@@ -16,6 +22,7 @@ lacks. Mask AP only (``tasks=("segm",)``), as official Mask2Former reports.
 """
 import logging
 import os
+import tempfile
 from typing import List, Optional
 
 from detectron2.data import MetadataCatalog
@@ -32,7 +39,13 @@ from detectron2.utils import comm
 
 from ..evaluation import InstanceSegEvaluator
 
-__all__ = ["build_evaluator", "get_evaluator_type", "SUPPORTED_EVALUATOR_TYPES"]
+__all__ = [
+    "SafeCityscapesInstanceEvaluator",
+    "SafeCityscapesSemSegEvaluator",
+    "build_evaluator",
+    "get_evaluator_type",
+    "SUPPORTED_EVALUATOR_TYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +85,41 @@ def _coco_evaluator(dataset_name: str, output_folder: str) -> COCOEvaluator:
     )
 
 
+class _CityscapesScriptsErrors:
+    """Mixin for detectron2's Cityscapes evaluators: cityscapesscripts reports errors with ``sys.exit``."""
+
+    def evaluate(self):
+        try:
+            return super().evaluate()
+        except SystemExit as err:
+            self._working_dir.cleanup()
+            raise RuntimeError(
+                f"cityscapesscripts stopped the evaluation of {self._metadata.name!r} (gt_dir "
+                f"{self._metadata.gt_dir}); its 'ERROR:' line above says why."
+            ) from err
+
+
+class SafeCityscapesSemSegEvaluator(_CityscapesScriptsErrors, CityscapesSemSegEvaluator):
+    """detectron2's CityscapesSemSegEvaluator (19 trainId classes, ``sem_seg`` output)."""
+
+
+class SafeCityscapesInstanceEvaluator(_CityscapesScriptsErrors, CityscapesInstanceEvaluator):
+    """detectron2's CityscapesInstanceEvaluator, run where its ``matches.json`` cannot litter.
+
+    cityscapesscripts' ``evaluateImgLists`` writes ``matches.json`` into the working directory; the
+    evaluation (main process only, after inference) runs in a scratch directory that is then removed.
+    """
+
+    def evaluate(self):
+        previous = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="cityscapes_matches_") as scratch:
+            os.chdir(scratch)
+            try:
+                return super().evaluate()
+            finally:
+                os.chdir(previous)
+
+
 def _check_single_machine(evaluator_type: str) -> None:
     if comm.get_local_size() != comm.get_world_size():
         raise ValueError(
@@ -105,9 +153,9 @@ def _cityscapes_panoptic_evaluators(cfg, dataset_name: str, output_folder: str) 
     if test.PANOPTIC_ON:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
     if test.SEMANTIC_ON:
-        evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+        evaluators.append(SafeCityscapesSemSegEvaluator(dataset_name))
     if test.INSTANCE_ON:
-        evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+        evaluators.append(SafeCityscapesInstanceEvaluator(dataset_name))
     return evaluators
 
 
@@ -132,9 +180,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     elif evaluator_type in PANOPTIC_TYPES:
         evaluators = _panoptic_evaluators(cfg, dataset_name, output_folder)
     elif evaluator_type == "cityscapes_sem_seg":
-        evaluators = [CityscapesSemSegEvaluator(dataset_name)]
+        evaluators = [SafeCityscapesSemSegEvaluator(dataset_name)]
     elif evaluator_type == "cityscapes_instance":
-        evaluators = [CityscapesInstanceEvaluator(dataset_name)]
+        evaluators = [SafeCityscapesInstanceEvaluator(dataset_name)]
     else:  # cityscapes_panoptic_seg
         evaluators = _cityscapes_panoptic_evaluators(cfg, dataset_name, output_folder)
 

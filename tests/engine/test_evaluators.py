@@ -5,15 +5,18 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
-    CityscapesSemSegEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
 )
 
 from qsegformers.config import add_qsegformers_config
-from qsegformers.engine.evaluators import SUPPORTED_EVALUATOR_TYPES, build_evaluator
+from qsegformers.engine.evaluators import (
+    SUPPORTED_EVALUATOR_TYPES,
+    SafeCityscapesInstanceEvaluator,
+    SafeCityscapesSemSegEvaluator,
+    build_evaluator,
+)
 from qsegformers.evaluation import InstanceSegEvaluator
 
 PREFIX = "qseg_engine_eval_test_"
@@ -92,11 +95,11 @@ def _classes(evaluator):
         ("coco_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, InstanceSegEvaluator]),
         ("coco_panoptic_no_json", [COCOPanopticEvaluator, SemSegEvaluator]),
         ("ade20k_panoptic_seg", [COCOPanopticEvaluator, SemSegEvaluator, InstanceSegEvaluator]),
-        ("cityscapes_sem_seg", [CityscapesSemSegEvaluator]),
-        ("cityscapes_instance", [CityscapesInstanceEvaluator]),
+        ("cityscapes_sem_seg", [SafeCityscapesSemSegEvaluator]),
+        ("cityscapes_instance", [SafeCityscapesInstanceEvaluator]),
         (
             "cityscapes_panoptic_seg",
-            [COCOPanopticEvaluator, CityscapesSemSegEvaluator, CityscapesInstanceEvaluator],
+            [COCOPanopticEvaluator, SafeCityscapesSemSegEvaluator, SafeCityscapesInstanceEvaluator],
         ),
     ],
 )

@@ -10,19 +10,24 @@ Registered (root ``$DETECTRON2_DATASETS``, default ``datasets``; layouts in ``da
 * ``coco_2017_{train,test}_stuff_10k_sem_seg``: COCO-Stuff-10K, 171 classes (80 things + 91 stuff),
   labels written by ``datasets/prepare_coco_stuff_10k_sem_seg.py``.
 
-COCO panoptic and instance datasets themselves (``coco_2017_*_panoptic``, ``coco_2017_*``) are
-detectron2's built-ins.
+* ``coco_2017_{train,val}``: detectron2's built-in COCO instances (80 classes, ``coco``), re-registered
+  with the same metadata and detectron2's ``load_coco_json``, after a check that the json and the image
+  folder exist (detectron2 registers them at import, under the root of that moment, unchecked).
+
+The COCO panoptic datasets themselves (``coco_2017_*_panoptic``) are detectron2's built-ins.
 """
 import functools
 import os
 
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.data.datasets import load_coco_json
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
 from .common import (
     datasets_root,
     load_panoptic_with_sem_seg,
     load_sem_seg_by_labels,
     register_or_replace,
+    require_paths,
 )
 
 __all__ = [
@@ -30,9 +35,11 @@ __all__ = [
     "COCO_STUFF_171_DATASET_IDS",
     "COCO_STUFF_171_CLASSES",
     "COCO_DATASET_NAMES",
+    "COCO_INSTANCE_NAMES",
     "coco_panoptic_paths",
     "coco_stuff_10k_paths",
     "register_all_coco_extra",
+    "register_all_coco_instances",
 ]
 
 IGNORE_LABEL = 255
@@ -74,6 +81,7 @@ COCO_DATASET_NAMES = {
     "panoptic_with_sem_seg": {s: f"coco_2017_{s}_panoptic_with_sem_seg" for s in SPLITS},
     "stuff_10k_sem_seg": {s: f"coco_2017_{s}_stuff_10k_sem_seg" for s in STUFF_10K_SPLITS},
 }
+COCO_INSTANCE_NAMES = {s: f"coco_2017_{s}" for s in SPLITS}  # detectron2's built-in names
 
 
 def coco_panoptic_paths(root: str, split: str) -> dict:
@@ -131,4 +139,24 @@ def register_all_coco_extra(root: str = None) -> list:
     return [n for kind in COCO_DATASET_NAMES.values() for n in kind.values()]
 
 
+def _load_instances(name: str, json_file: str, image_root: str) -> list:
+    """detectron2's loader; with ``name`` it checks the json's categories against the metadata."""
+    require_paths(name, (json_file, image_root))
+    return load_coco_json(json_file, image_root, name)
+
+
+def register_all_coco_instances(root: str = None) -> list:
+    """(Re-)register detectron2's ``coco_2017_{train,val}`` under ``root`` (default ``$DETECTRON2_DATASETS``)."""
+    root = root if root is not None else datasets_root()
+    for split in SPLITS:
+        paths = coco_panoptic_paths(root, split)
+        name = COCO_INSTANCE_NAMES[split]
+        register_or_replace(
+            name, functools.partial(_load_instances, name, paths["instances_json"], paths["image_root"]),
+            json_file=paths["instances_json"], image_root=paths["image_root"], evaluator_type="coco",
+            **_get_builtin_metadata("coco"))
+    return list(COCO_INSTANCE_NAMES.values())
+
+
 register_all_coco_extra()
+register_all_coco_instances()
