@@ -29,6 +29,7 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+from eval_only_utils import check_eval_only
 from test_ade20k_prepare import read_panoptic, read_tif, write_ade_full, write_ade_image, write_instance_devkit
 
 H, W = 24, 32
@@ -304,3 +305,16 @@ def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
     assert evaluate(evaluator, dicts, [output({CHAIR: LAMP})])["segm"]["AP"] == pytest.approx(50.0)
     with pytest.raises(ValueError, match="not a thing class"):
         evaluate(evaluator, dicts, [output({CHAIR: 0})])  # class 0 (wall) is stuff
+
+
+@pytest.mark.parametrize("config,tasks,opts", [
+    ("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml", {"sem_seg"}, ()),
+    ("ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml", {"panoptic_seg", "sem_seg", "segm"}, ()),
+    ("ade20k/instance-segmentation/maskformer2_R50_bs16_160k.yaml", {"segm"}, ()),
+    # the miniature's class list (written by the prepare script) has 2 of the 847 classes
+    ("ade20k-full/semantic-segmentation/maskformer2_R50_bs16_200k.yaml", {"sem_seg"},
+     ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2")),
+])
+@pytest.mark.filterwarnings(UNCLOSED_POOL)
+def test_eval_only_from_checkpoint(ade_root, tmp_path, config, tasks, opts):
+    check_eval_only(config, tmp_path, tasks, opts)

@@ -25,6 +25,7 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+from eval_only_utils import check_eval_only
 
 H, W = 32, 64
 IMAGES = {"train": ["aachen_000000_000019", "aachen_000001_000019"],
@@ -326,3 +327,12 @@ def test_missing_or_unprepared_folders(tmp_path):
                 DatasetCatalog.get(name)
     finally:
         register_all_cityscapes()
+
+
+@pytest.mark.parametrize("config,tasks", [
+    ("cityscapes/semantic-segmentation/maskformer2_R50_bs16_90k.yaml", {"sem_seg"}),
+    ("cityscapes/instance-segmentation/maskformer2_R50_bs16_90k.yaml", {"segm"}),
+    ("cityscapes/panoptic-segmentation/maskformer2_R50_bs16_90k.yaml", {"panoptic_seg", "sem_seg", "segm"}),
+])
+def test_eval_only_from_checkpoint(cityscapes_root, tmp_path, config, tasks):
+    check_eval_only(config, tmp_path, tasks)

@@ -29,6 +29,7 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
+from eval_only_utils import check_eval_only
 
 UNCLOSED_POOL = "ignore:unclosed running multiprocessing pool:ResourceWarning"  # panopticapi's pq_compute
 H, W = 24, 32
@@ -224,3 +225,12 @@ def test_missing_folder_names_path_and_readme(tmp_path):
                 DatasetCatalog.get(name)
     finally:
         register_all_coco_extra()
+
+
+@pytest.mark.parametrize("config,tasks", [
+    ("coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml", {"panoptic_seg", "sem_seg", "segm"}),
+    ("coco-stuff-10k/semantic-segmentation/maskformer2_R50_bs16_60k.yaml", {"sem_seg"}),
+])
+@pytest.mark.filterwarnings(UNCLOSED_POOL)
+def test_eval_only_from_checkpoint(coco_root, tmp_path, config, tasks):
+    check_eval_only(config, tmp_path, tasks)

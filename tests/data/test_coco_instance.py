@@ -24,6 +24,7 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import evaluate, evaluator_cfg
+from eval_only_utils import check_eval_only
 
 H, W = 24, 32
 PERSON, DOG, CAT = 1, 18, 17  # COCO category ids
@@ -159,3 +160,7 @@ def test_missing_folder_names_path_and_readme(tmp_path):
                 DatasetCatalog.get(name)
     finally:
         register_all_coco_instances()
+
+
+def test_eval_only_from_checkpoint(coco_root, tmp_path):
+    check_eval_only("coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml", tmp_path, {"segm"})

@@ -23,6 +23,7 @@ from qsegformers.data.mappers import build_dataset_mapper
 from qsegformers.engine.evaluators import build_evaluator
 
 from dataset_test_utils import load_prepare_script
+from eval_only_utils import check_eval_only
 
 H, W = 24, 32
 IGNORE = 255
@@ -99,3 +100,7 @@ def test_missing_folder_names_path_and_readme(tmp_path):
             DatasetCatalog.get("pascal_context_59_sem_seg_val")
     finally:
         register_all_pascal_context()
+
+
+def test_eval_only_from_checkpoint(pc_root, tmp_path):
+    check_eval_only("pascal-context-59/semantic-segmentation/maskformer2_R50_bs16_40k.yaml", tmp_path, {"sem_seg"})
