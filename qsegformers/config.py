@@ -5,6 +5,9 @@ files (which also use keys of detectron2's DeepLab project) merge unchanged.
 """
 from detectron2.config import CfgNode as CN
 
+from .backbones.swin_config import add_swin_config
+from .backbones.vit_config import add_vit_config
+
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
 # Keys declared only so that official files merge, with the one value qsegformers supports: the
@@ -78,6 +81,9 @@ def add_qsegformers_config(cfg):
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
 
+    # ---- test-time augmentation (detectron2's TEST.AUG.{ENABLED,MIN_SIZES,MAX_SIZE,FLIP}) ----
+    cfg.TEST.AUG.MASK_NMS_THRESH = 0.5  # instances of one class overlapping more (mask IoU) are merged
+
     # ---- solver ----
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters (queries)
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
@@ -108,6 +114,7 @@ def add_qsegformers_config(cfg):
     mf.OVERSAMPLE_RATIO = 3.0  # oversampling before picking the most uncertain points
     mf.IMPORTANCE_SAMPLE_RATIO = 0.75  # fraction of points chosen by uncertainty
     mf.MATCHER_NAME = ""  # matcher registry name; "" uses the one the decoder declares
+    mf.CRITERION_NAME = ""  # criterion registry name; "" uses the one the decoder declares
     mf.TEST = CN()
     mf.TEST.SEMANTIC_ON = True  # produce "sem_seg" at inference
     mf.TEST.INSTANCE_ON = False  # produce "instances" at inference
@@ -126,25 +133,9 @@ def add_qsegformers_config(cfg):
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8  # heads of the deformable attention
     ssh.DEFORMABLE_ATTN_IMPL = "auto"  # deformable attention op: "auto", "compiled" or "pytorch"
 
-    # ---- backbones (Swin keys are declared so that official Swin configs merge) ----
-    cfg.MODEL.SWIN = CN()
-    sw = cfg.MODEL.SWIN
-    sw.PRETRAIN_IMG_SIZE = 224  # image size of the ImageNet pre-training
-    sw.PATCH_SIZE = 4  # patch embedding stride
-    sw.EMBED_DIM = 96  # channels of the first stage
-    sw.DEPTHS = [2, 2, 6, 2]  # blocks per stage
-    sw.NUM_HEADS = [3, 6, 12, 24]  # attention heads per stage
-    sw.WINDOW_SIZE = 7  # attention window size
-    sw.MLP_RATIO = 4.0  # FFN expansion
-    sw.QKV_BIAS = True  # bias on the qkv projection
-    sw.QK_SCALE = None  # override of head_dim ** -0.5
-    sw.DROP_RATE = 0.0  # dropout
-    sw.ATTN_DROP_RATE = 0.0  # attention dropout
-    sw.DROP_PATH_RATE = 0.3  # stochastic depth
-    sw.APE = False  # absolute position embedding
-    sw.PATCH_NORM = True  # LayerNorm after the patch embedding
-    sw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # returned stages
-    sw.USE_CHECKPOINT = False  # activation checkpointing
+    # ---- backbones: each backbone module declares its own keys ----
+    add_swin_config(cfg)
+    add_vit_config(cfg)
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()

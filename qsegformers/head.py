@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .decoders.build import build_transformer_decoder
 from .pixel_decoders.build import build_pixel_decoder
 
-__all__ = ["MaskFormerHead"]
+__all__ = ["MaskFormerHead", "BranchMaskFormerHead"]
 
 # The only TRANSFORMER_IN_FEATURE the query decoders read: the pixel decoder's multi-scale outputs.
 MULTI_SCALE_FEATURE = "multi_scale_pixel_decoder"
@@ -71,3 +71,9 @@ class MaskFormerHead(nn.Module):
         """features: backbone outputs by name (B x C x H/s x W/s). Returns the decoder's output dict."""
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale_features, mask_features, mask, targets=targets)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class BranchMaskFormerHead(MaskFormerHead):
+    """Official SeMask-Mask2Former head name. Its only addition, the parameter-free prior upsampling, lives in
+    :mod:`qsegformers.losses.semask_prior`, so the head is :class:`MaskFormerHead` unchanged."""

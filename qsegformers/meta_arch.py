@@ -12,12 +12,21 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
+from .backbones.swin import PRIOR_PREFIX
 from .config import check_unsupported_keys
-from .inference import instance_inference, panoptic_inference, semantic_inference
-from .losses.criterion import SetCriterion, build_weight_dict
+from .inference import QueryPostprocessing
+from .losses.build import build_criterion
+from .losses.semask_prior import (
+    IGNORE_LABEL,
+    PRIOR_LOSS_KEY,
+    fuse_priors,
+    prior_loss_weight_from_config,
+    semantic_targets,
+    semask_prior_loss,
+)
 from .matching.build import build_matcher
 
-__all__ = ["MaskFormer"]
+__all__ = ["MaskFormer", "SeMaskMaskFormer"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -43,6 +52,7 @@ class MaskFormer(nn.Module):
         panoptic_on: bool = False,
         instance_on: bool = False,
         test_topk_per_image: int = 100,
+        ignore_value: int = IGNORE_LABEL,
     ):
         """
         Args:
@@ -52,6 +62,8 @@ class MaskFormer(nn.Module):
             sem_seg_postprocess_before_inference: resize masks to the output size before combining them
                 (always done for panoptic and instance outputs).
             test_topk_per_image: instances kept per image.
+            ignore_value: label of ignored pixels in the semantic map that supervises backbone priors
+                (features named ``sem_*``, e.g. SeMask's); weighted by ``criterion.weight_dict["loss_sem_prior"]``.
         """
         super().__init__()
         self.backbone = backbone
@@ -71,9 +83,12 @@ class MaskFormer(nn.Module):
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
+        self.ignore_value = ignore_value
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("Enable at least one of MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON}.")
         self.class_activation = sem_seg_head.predictor.class_activation
+        # Set by test-time augmentation: also return the per-query predictions at output size.
+        self.return_query_outputs = False
 
     @classmethod
     def from_config(cls, cfg):
@@ -81,25 +96,11 @@ class MaskFormer(nn.Module):
         mf = cfg.MODEL.MASK_FORMER
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        matcher_name = mf.MATCHER_NAME or sem_seg_head.predictor.matcher_name
-        weight_dict = build_weight_dict(
-            class_weight=mf.CLASS_WEIGHT,
-            mask_weight=mf.MASK_WEIGHT,
-            dice_weight=mf.DICE_WEIGHT,
-            dec_layers=mf.DEC_LAYERS,
-            deep_supervision=mf.DEEP_SUPERVISION,
-        )
-        criterion = SetCriterion(
-            sem_seg_head.num_classes,
-            matcher=build_matcher(cfg, matcher_name),
-            weight_dict=weight_dict,
-            eos_coef=mf.NO_OBJECT_WEIGHT,
-            losses=["labels", "masks"],
-            num_points=mf.TRAIN_NUM_POINTS,
-            oversample_ratio=mf.OVERSAMPLE_RATIO,
-            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
-            deep_supervision=mf.DEEP_SUPERVISION,
-        )
+        predictor = sem_seg_head.predictor
+        matcher = build_matcher(cfg, mf.MATCHER_NAME or predictor.matcher_name)
+        criterion = build_criterion(cfg, mf.CRITERION_NAME or predictor.criterion_name, sem_seg_head.num_classes, matcher)
+        # Read only when the backbone returns semantic priors (SeMask); once per iteration, not per layer.
+        criterion.weight_dict[PRIOR_LOSS_KEY] = prior_loss_weight_from_config(cfg)
         test = mf.TEST
         return {
             "backbone": backbone,
@@ -117,6 +118,7 @@ class MaskFormer(nn.Module):
             "instance_on": test.INSTANCE_ON,
             "panoptic_on": test.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
     @property
@@ -138,10 +140,21 @@ class MaskFormer(nn.Module):
             if "instances" not in batched_inputs[0]:
                 raise ValueError("Training inputs need 'instances' (gt_classes, gt_masks) from the dataset mapper.")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            priors = [features.pop(k) for k in sorted(features) if k.startswith(PRIOR_PREFIX)]
             outputs = self.sem_seg_head(features, targets=targets)
-            return self.criterion.weighted(self.criterion(outputs, targets))
+            losses = self.criterion(outputs, targets)
+            if priors:
+                losses[PRIOR_LOSS_KEY] = self.prior_loss(priors, targets, images)
+            return self.criterion.weighted(losses)
         outputs = self.sem_seg_head(features)
         return self.inference(outputs, batched_inputs, images)
+
+    def prior_loss(self, priors: List[Tensor], targets: List[Dict[str, Tensor]], images: ImageList) -> Tensor:
+        """Unweighted CE of the fused backbone priors (each B x K x H_i x W_i) against the semantic map painted
+        from the prepared targets (uncovered and padded pixels ignored)."""
+        size = tuple(images.tensor.shape[-2:])
+        gt = semantic_targets(targets, size, self.ignore_value).to(priors[0].device)
+        return semask_prior_loss(fuse_priors(priors, size), gt, self.ignore_value)
 
     def prepare_targets(self, gt_instances, images: ImageList) -> List[Dict[str, Tensor]]:
         """Per image: ``labels`` (T,) and ``masks`` (T x H_pad x W_pad) padded like the image batch."""
@@ -155,7 +168,23 @@ class MaskFormer(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": padded})
         return targets
 
+    def query_postprocessing(self) -> QueryPostprocessing:
+        """This model's inference settings (thresholds, thing ids, activation, top-k)."""
+        return QueryPostprocessing(
+            num_classes=self.sem_seg_head.num_classes,
+            activation=self.class_activation,
+            object_mask_threshold=self.object_mask_threshold,
+            overlap_threshold=self.overlap_threshold,
+            thing_ids=self._thing_ids(),
+            topk=self.test_topk_per_image,
+            panoptic_on=self.panoptic_on,
+        )
+
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """One dict per image with the enabled outputs; with ``self.return_query_outputs`` also
+        ``query_outputs``: {"mask_cls": Q x C logits, "mask_pred": Q x height x width mask logits}
+        (what test-time augmentation pools over augmentations)."""
+        post = self.query_postprocessing()
         mask_cls_results = outputs["pred_logits"]
         mask_pred_results = F.interpolate(
             outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
@@ -171,32 +200,28 @@ class MaskFormer(nn.Module):
                 mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
                 mask_cls = mask_cls.to(mask_pred)
             if self.semantic_on:
-                sem = semantic_inference(mask_cls, mask_pred, activation=self.class_activation)
+                sem = post.semantic(mask_cls, mask_pred)
                 if not self.sem_seg_postprocess_before_inference:
                     sem = sem_seg_postprocess(sem, image_size, height, width)
                 result["sem_seg"] = sem
             if self.panoptic_on:
-                result["panoptic_seg"] = panoptic_inference(
-                    mask_cls,
-                    mask_pred,
-                    num_classes=self.sem_seg_head.num_classes,
-                    object_mask_threshold=self.object_mask_threshold,
-                    overlap_threshold=self.overlap_threshold,
-                    thing_ids=self._thing_ids(),
-                    activation=self.class_activation,
-                )
+                result["panoptic_seg"] = post.panoptic(mask_cls, mask_pred)
             if self.instance_on:
-                result["instances"] = instance_inference(
-                    mask_cls,
-                    mask_pred,
-                    num_classes=self.sem_seg_head.num_classes,
-                    topk=self.test_topk_per_image,
-                    thing_ids=self._thing_ids() if self.panoptic_on else None,
-                    activation=self.class_activation,
-                )
+                result["instances"] = post.instances(mask_cls, mask_pred)
+            if self.return_query_outputs:
+                if not self.sem_seg_postprocess_before_inference:
+                    mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+                result["query_outputs"] = {"mask_cls": mask_cls, "mask_pred": mask_pred}
             processed.append(result)
         return processed
 
     def _thing_ids(self) -> set:
         mapping = getattr(self.metadata, "thing_dataset_id_to_contiguous_id", None) if self.metadata else None
         return set(mapping.values()) if mapping else set()
+
+
+@META_ARCH_REGISTRY.register()
+class SeMaskMaskFormer(MaskFormer):
+    """Official SeMask-Mask2Former meta-architecture name. :class:`MaskFormer` already adds the prior loss
+    whenever the backbone returns priors, so this alias only lets official SeMask configs build."""
+

@@ -9,6 +9,7 @@ __all__ = [
     "PIXEL_DECODER_REGISTRY",
     "TRANSFORMER_DECODER_REGISTRY",
     "MATCHER_REGISTRY",
+    "CRITERION_REGISTRY",
     "DATASET_MAPPER_REGISTRY",
     "lookup",
 ]
@@ -22,6 +23,12 @@ TRANSFORMER_DECODER_REGISTRY.__doc__ = "Transformer decoders: queries x pixel fe
 
 MATCHER_REGISTRY = Registry("MATCHER")
 MATCHER_REGISTRY.__doc__ = "Matchers: predictions x targets -> (prediction index, target index) pairs per image."
+
+CRITERION_REGISTRY = Registry("CRITERION")
+CRITERION_REGISTRY.__doc__ = (
+    "Criteria: (decoder outputs, targets) -> unweighted loss dict. Each class provides "
+    "``from_config(cfg, num_classes, matcher)``; a decoder names its default in ``criterion_name``."
+)
 
 DATASET_MAPPER_REGISTRY = Registry("DATASET_MAPPER")
 DATASET_MAPPER_REGISTRY.__doc__ = "Dataset mappers selected by INPUT.DATASET_MAPPER_NAME."

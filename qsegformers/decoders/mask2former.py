@@ -52,6 +52,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     class_activation = "softmax"  # softmax over K classes + "no object"
     matcher_name = "HungarianMatcher"  # the matcher this decoder's outputs are trained with
+    criterion_name = "SetCriterion"  # the criterion (CRITERION_REGISTRY) that supervises its outputs
     attn_mask_threshold = 0.5  # a pixel is attended when the predicted mask probability is >= this
 
     @configurable

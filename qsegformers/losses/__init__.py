@@ -1,4 +1,5 @@
 """Mask losses, point sampling and the set criterion."""
+from .build import build_criterion
 from .criterion import SetCriterion, build_weight_dict
 from .mask_losses import (
     batch_dice_cost,
@@ -13,6 +14,7 @@ from .mask_losses import (
 
 __all__ = [
     "SetCriterion",
+    "build_criterion",
     "build_weight_dict",
     "batch_dice_cost",
     "batch_sigmoid_ce_cost",

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import nn
 
+from ..registries import CRITERION_REGISTRY
+
 from .mask_losses import (
     calculate_uncertainty,
     dice_loss,
@@ -42,6 +44,7 @@ def build_weight_dict(
     return weight_dict
 
 
+@CRITERION_REGISTRY.register()
 class SetCriterion(nn.Module):
     """Hungarian-matched classification and point-sampled mask losses (Mask2Former).
 
@@ -95,6 +98,29 @@ class SetCriterion(nn.Module):
         if unknown:
             raise KeyError(f"SetCriterion: unknown loss names {unknown}; known: {sorted(self.loss_fns)}")
         self.losses = list(losses)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int, matcher: nn.Module) -> "SetCriterion":
+        """Mask2Former's criterion from ``MODEL.MASK_FORMER.*`` (weights, points, deep supervision)."""
+        mf = cfg.MODEL.MASK_FORMER
+        weight_dict = build_weight_dict(
+            class_weight=mf.CLASS_WEIGHT,
+            mask_weight=mf.MASK_WEIGHT,
+            dice_weight=mf.DICE_WEIGHT,
+            dec_layers=mf.DEC_LAYERS,
+            deep_supervision=mf.DEEP_SUPERVISION,
+        )
+        return cls(
+            num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            deep_supervision=mf.DEEP_SUPERVISION,
+        )
 
     # ------------------------------------------------------------------ loss terms
 

@@ -225,3 +225,24 @@ def test_subclass_adds_a_loss_term():
 def test_unknown_loss_name():
     with pytest.raises(KeyError, match="boxes"):
         _criterion(losses=("labels", "boxes"))
+
+
+def test_build_criterion_from_config():
+    from detectron2.config import get_cfg
+
+    from qsegformers import add_qsegformers_config
+    from qsegformers.losses import build_criterion
+
+    cfg = get_cfg()
+    add_qsegformers_config(cfg)
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 3
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.25
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 77
+    criterion = build_criterion(cfg, "SetCriterion", 5, matcher=None)
+    assert isinstance(criterion, SetCriterion)
+    assert criterion.num_points == 77 and criterion.empty_weight.tolist() == [1, 1, 1, 1, 1, 0.25]
+    assert sorted(criterion.weight_dict) == sorted(
+        [f"{k}{s}" for k in ("loss_ce", "loss_mask", "loss_dice") for s in ("", "_0", "_1")]
+    )
+    with pytest.raises(KeyError, match="MODEL.MASK_FORMER.CRITERION_NAME"):
+        build_criterion(cfg, "NoSuchCriterion", 5, matcher=None)
