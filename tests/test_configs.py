@@ -11,6 +11,7 @@ REPO = os.path.join(os.path.dirname(__file__), "..")
 OURS_VS_OFFICIAL = [
     ("configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml", "mask2former_ade20k_sem_r50"),
     ("configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml", "mask2former_coco_pan_r50"),
+    ("configs/ade20k/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml", "mask2former_ade20k_sem_swin_t"),
 ]
 # Keys that legitimately differ: where weights come from and the device the reference was dumped on.
 NOT_COMPARED = {"MODEL.WEIGHTS", "MODEL.DEVICE"}
