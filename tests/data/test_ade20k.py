@@ -317,4 +317,5 @@ def test_instance_evaluation_on_the_panoptic_dataset(ade_root, tmp_path):
 ])
 @pytest.mark.filterwarnings(UNCLOSED_POOL)
 def test_eval_only_from_checkpoint(ade_root, tmp_path, config, tasks, opts):
+    register_all_ade20k(ade_root["root"])  # other tests re-register with other roots
     check_eval_only(config, tmp_path, tasks, opts)

@@ -335,4 +335,5 @@ def test_missing_or_unprepared_folders(tmp_path):
     ("cityscapes/panoptic-segmentation/maskformer2_R50_bs16_90k.yaml", {"panoptic_seg", "sem_seg", "segm"}),
 ])
 def test_eval_only_from_checkpoint(cityscapes_root, tmp_path, config, tasks):
+    register_all_cityscapes(cityscapes_root)  # other tests re-register with other roots
     check_eval_only(config, tmp_path, tasks)

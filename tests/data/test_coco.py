@@ -233,4 +233,5 @@ def test_missing_folder_names_path_and_readme(tmp_path):
 ])
 @pytest.mark.filterwarnings(UNCLOSED_POOL)
 def test_eval_only_from_checkpoint(coco_root, tmp_path, config, tasks):
+    register_all_coco_extra(coco_root["root"])  # other tests re-register with other roots
     check_eval_only(config, tmp_path, tasks)

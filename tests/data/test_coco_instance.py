@@ -163,4 +163,5 @@ def test_missing_folder_names_path_and_readme(tmp_path):
 
 
 def test_eval_only_from_checkpoint(coco_root, tmp_path):
+    register_all_coco_instances(coco_root)  # other tests re-register with other roots
     check_eval_only("coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml", tmp_path, {"segm"})

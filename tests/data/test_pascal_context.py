@@ -103,4 +103,5 @@ def test_missing_folder_names_path_and_readme(tmp_path):
 
 
 def test_eval_only_from_checkpoint(pc_root, tmp_path):
+    register_all_pascal_context(pc_root)  # other tests re-register with other roots
     check_eval_only("pascal-context-59/semantic-segmentation/maskformer2_R50_bs16_40k.yaml", tmp_path, {"sem_seg"})
