@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 
 from .backbones.swin_config import add_swin_config
 from .backbones.vit_config import add_vit_config
+from .decoders.pft_config import add_pft_config
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
@@ -136,6 +137,7 @@ def add_qsegformers_config(cfg):
     # ---- backbones: each backbone module declares its own keys ----
     add_swin_config(cfg)
     add_vit_config(cfg)
+    add_pft_config(cfg)  # MODEL.PFT.* (Pyramid Fusion Transformer)
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()

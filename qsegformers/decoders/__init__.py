@@ -1,4 +1,5 @@
 """Transformer decoders (query x pixel features -> class and mask predictions), registered by name."""
+from . import pft  # noqa: F401  (registers PyramidFusionTransformerDecoder)
 from .build import build_transformer_decoder
 from .mask2former import MultiScaleMaskedTransformerDecoder
 
