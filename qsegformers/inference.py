@@ -222,9 +222,17 @@ class QueryPostprocessing:
     thing_ids: Set[int] = field(default_factory=set)
     topk: int = 100
     panoptic_on: bool = False
+    # Query k scores only class k (its other class probabilities are exactly 0, e.g. PFT's sigmoid head):
+    # the semantic scores are then p_k[k] * sigmoid(m_k), without the Q x K x H x W sum.
+    queries_are_classes: bool = False
 
     def semantic(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
         """K x H x W scores (see :func:`semantic_inference`)."""
+        if self.queries_are_classes:
+            probs = class_probs(mask_cls, self.activation)
+            if probs.shape[0] != probs.shape[1]:
+                raise ValueError(f"queries_are_classes needs Q == K, got class probabilities {tuple(probs.shape)}")
+            return probs.diagonal()[:, None, None] * mask_pred.sigmoid()
         return semantic_inference(mask_cls, mask_pred, activation=self.activation)
 
     def panoptic(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> Tuple[torch.Tensor, List[Dict]]:

@@ -178,6 +178,7 @@ class MaskFormer(nn.Module):
             thing_ids=self._thing_ids(),
             topk=self.test_topk_per_image,
             panoptic_on=self.panoptic_on,
+            queries_are_classes=getattr(self.sem_seg_head.predictor, "queries_are_classes", False),
         )
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:

@@ -182,3 +182,22 @@ def test_instance_inference_keeps_only_things_when_asked():
     _check_instances(result, keep=[0, 2])
     # topk larger than Q * K is clamped
     assert len(instance_inference(mask_cls, _instance_masks(), num_classes=2, topk=100)) == 6
+
+
+def test_queries_are_classes_fast_path_equals_the_sum_over_queries():
+    """A diagonal sigmoid head (query k scores only class k, other logits -inf, as PFT's): the fast path
+    p_k[k] * sigmoid(m_k) equals the general sum over queries; a non-square head is refused."""
+    from qsegformers.inference import QueryPostprocessing
+
+    torch.manual_seed(0)
+    k = 5
+    diag = torch.randn(k)
+    mask_cls = torch.full((k, k), float("-inf"))
+    mask_cls[range(k), range(k)] = diag
+    mask_pred = torch.randn(k, 6, 7)
+    fast = QueryPostprocessing(num_classes=k, activation="sigmoid", queries_are_classes=True)
+    general = QueryPostprocessing(num_classes=k, activation="sigmoid")
+    torch.testing.assert_close(fast.semantic(mask_cls, mask_pred), general.semantic(mask_cls, mask_pred))
+    torch.testing.assert_close(fast.semantic(mask_cls, mask_pred), diag.sigmoid()[:, None, None] * mask_pred.sigmoid())
+    with pytest.raises(ValueError, match="Q == K"):
+        fast.semantic(torch.zeros(3, k), torch.zeros(3, 6, 7))

@@ -56,6 +56,7 @@ class PyramidFusionTransformerDecoder(nn.Module):
 
     class_activation = "sigmoid"  # one independent "class is present" logit per class
     matcher_name = "FixedMatcher"  # query k <-> class k
+    queries_are_classes = True  # pred_logits is diagonal: inference skips the sum over queries
     criterion_name = "PFTCriterion"
 
     @configurable
