@@ -8,6 +8,7 @@ from detectron2.config import CfgNode as CN
 from .backbones.swin_config import add_swin_config
 from .backbones.vit_config import add_vit_config
 from .decoders.pft_config import add_pft_config
+from .decoders.faseg_config import add_faseg_config
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
@@ -138,6 +139,7 @@ def add_qsegformers_config(cfg):
     add_swin_config(cfg)
     add_vit_config(cfg)
     add_pft_config(cfg)  # MODEL.PFT.* (Pyramid Fusion Transformer)
+    add_faseg_config(cfg)  # MODEL.DFPQ.* and MODEL.HRCA.* (FASeg)
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()

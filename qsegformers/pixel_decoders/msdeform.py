@@ -21,6 +21,9 @@ __all__ = [
     "MSDeformAttnEncoder",
     "MSDeformAttnTransformerEncoderOnly",
     "MSDeformAttnPixelDecoder",
+    "MSDeformAttnPixelDecoder4Scales",
+    "MSDeformAttnPixelDecoder4ScalesFASeg",
+    "POSITION_ENCODINGS",
 ]
 
 # FFN width of the official deformable encoder; it is fixed there, not read from the config
@@ -28,6 +31,13 @@ __all__ = [
 ENCODER_DIM_FEEDFORWARD = 1024
 # GroupNorm groups of the encoder input projections (official: GroupNorm(32, conv_dim)).
 INPUT_PROJ_NUM_GROUPS = 32
+# Position encodings of the encoder inputs and returned maps: fixed sine (Mask2Former), a learnable absolute
+# grid per level, or conditional (PEG: a depth-wise conv on the projected features, FASeg).
+POSITION_ENCODINGS = ("sine", "learnable", "conditional")
+# Decoder levels FASeg reads: 1/32, 1/16, 1/8 from the encoder plus the 1/4 FPN output.
+FASEG_NUM_MULTI_SCALE_LEVELS = 4
+# Init std of learnable absolute position embeddings (ViT/DETR convention).
+LEARNABLE_PE_INIT_STD = 0.02
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -173,6 +183,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         common_stride: int,
         ms_deform_attn_impl: str = "auto",
         num_multi_scale_levels: int = NUM_MULTI_SCALE_LEVELS,
+        position_encoding: str = "sine",
+        pos_kernel_size: int = 3,
+        learnable_pe_size: int = 32,
     ):
         """
         Args:
@@ -185,7 +198,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             common_stride: stride of the mask features; FPN levels are added down to it.
             ms_deform_attn_impl: implementation of the deformable attention op ("auto", "compiled" or
                 "pytorch"; MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL).
-            num_multi_scale_levels: how many outputs, coarsest first, are returned for the decoder.
+            num_multi_scale_levels: how many outputs, coarsest first, are returned for the decoder; more
+                than the encoder levels appends FPN outputs (FASeg: 4, the last one at 1/4).
+            position_encoding: one of ``POSITION_ENCODINGS``; used by the encoder and returned by
+                ``forward_features_with_pos``. "conditional" adds ``pos_linear.i`` (depth-wise conv per level)
+                and, for the FPN levels among the returned ones, an extra ``input_proj`` of that backbone
+                feature whose PEG map is the level's encoding (official FASeg layout).
+            pos_kernel_size: kernel of the conditional-PE convs.
+            learnable_pe_size: side of each level's learnable PE grid (bilinearly resized to the map).
         """
         super().__init__()
         check_impl(ms_deform_attn_impl)
@@ -206,6 +226,31 @@ class MSDeformAttnPixelDecoder(nn.Module):
                           nn.GroupNorm(INPUT_PROJ_NUM_GROUPS, conv_dim))
             for _, spec in encoder_shapes[::-1]
         )
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding (MODEL.DFPQ.POS_ENCODING) must be one of {POSITION_ENCODINGS}, "
+                             f"got {position_encoding!r}.")
+        self.position_encoding = position_encoding
+        num_fpn_outputs = num_multi_scale_levels - self.transformer_num_feature_levels
+        fpn_shapes = [(name, spec) for name, spec in shapes if name not in transformer_in_features][::-1]
+        if num_fpn_outputs > len(fpn_shapes):
+            raise ValueError(
+                f"num_multi_scale_levels = {num_multi_scale_levels} needs {num_fpn_outputs} FPN levels below the "
+                f"encoder, but only {[name for name, _ in fpn_shapes]} are pixel decoder inputs."
+            )
+        # Features of the returned FPN levels, coarse to fine (FASeg: res2).
+        self.pos_proj_features = [name for name, _ in fpn_shapes[: max(0, num_fpn_outputs)]]
+        if position_encoding == "conditional":
+            for _, spec in fpn_shapes[: max(0, num_fpn_outputs)]:
+                self.input_proj.append(nn.Sequential(nn.Conv2d(spec.channels, conv_dim, kernel_size=1),
+                                                     nn.GroupNorm(INPUT_PROJ_NUM_GROUPS, conv_dim)))
+            self.pos_linear = nn.ModuleList(
+                nn.Conv2d(conv_dim, conv_dim, pos_kernel_size, padding=pos_kernel_size // 2, groups=conv_dim)
+                for _ in range(len(self.input_proj))
+            )
+        elif position_encoding == "learnable":
+            num_pos_levels = max(self.transformer_num_feature_levels, num_multi_scale_levels)
+            self.pos_embed = nn.Parameter(torch.zeros(num_pos_levels, conv_dim, learnable_pe_size, learnable_pe_size))
+            nn.init.trunc_normal_(self.pos_embed, std=LEARNABLE_PE_INIT_STD)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
@@ -268,7 +313,30 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def position_embeddings(self, srcs: List[torch.Tensor]) -> List[torch.Tensor]:
         """Position embedding of each projected encoder input: list of B x conv_dim x h x w."""
+        if self.position_encoding == "conditional":
+            return [conv(src) for conv, src in zip(self.pos_linear, srcs)]
+        if self.position_encoding == "learnable":
+            return [self._learned_pos(i, src) for i, src in enumerate(srcs)]
         return [self.pe_layer(src) for src in srcs]
+
+    def _learned_pos(self, level: int, like: torch.Tensor) -> torch.Tensor:
+        """Learnable PE grid of ``level`` resized to ``like`` (B x C x h x w) -> B x C x h x w."""
+        pos = F.interpolate(self.pos_embed[level:level + 1], size=like.shape[-2:], mode="bilinear",
+                            align_corners=False)
+        return pos.expand(like.shape[0], -1, -1, -1)
+
+    def forward_features_with_pos(
+        self, features: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """``forward_features`` plus the position encoding of every returned multi-scale level.
+
+        Returns:
+            mask_features, transformer_encoder_features, multi_scale_features (as ``forward_features``) and
+            pos_embeddings: one B x conv_dim x H/s x W/s map per multi-scale level, coarse to fine. For
+            "conditional", the FPN levels' maps come from the PEG conv on the projected backbone feature
+            (e.g. res2), not from the FPN output.
+        """
+        return self._forward(features, with_pos=True)
 
     def forward_features(
         self, features: Dict[str, torch.Tensor]
@@ -283,11 +351,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             multi_scale_features: the first ``num_multi_scale_levels`` outputs coarse to fine, each
                 B x conv_dim x H/s x W/s (for a ResNet: strides 32, 16, 8).
         """
+        return self._forward(features, with_pos=False)[:3]
+
+    def _forward(self, features: Dict[str, torch.Tensor], with_pos: bool):
+        """The pixel decoder pass; position maps of the returned levels only when ``with_pos``."""
         # Deformable attention runs in float32 (the official kernels have no half-precision path).
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type=device_type, enabled=False):
             srcs = [proj(features[name].float()) for name, proj in zip(self.transformer_in_features, self.input_proj)]
-            memory, spatial_shapes, _ = self.transformer(srcs, self.position_embeddings(srcs))
+            encoder_pos = self.position_embeddings(srcs)
+            memory, spatial_shapes, _ = self.transformer(srcs, encoder_pos)
             batch_size = memory.shape[0]
             shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
             out = [
@@ -299,8 +372,47 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 cur_fpn = lateral_conv(features[name].float())
                 y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
                 out.append(output_conv(y))
-            return self.mask_features(out[-1]), out[0], out[: self.num_multi_scale_levels]
+            multi_scale = out[: self.num_multi_scale_levels]
+            pos = self._multi_scale_pos(features, encoder_pos, multi_scale) if with_pos else None
+            return self.mask_features(out[-1]), out[0], multi_scale, pos
+
+    def _multi_scale_pos(self, features: Dict[str, torch.Tensor], encoder_pos: List[torch.Tensor],
+                         multi_scale: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Position maps of the returned levels (encoder levels reuse the encoder's own encodings)."""
+        num_enc = self.transformer_num_feature_levels
+        if self.position_encoding == "sine":
+            return [self.pe_layer(x) for x in multi_scale]
+        if self.position_encoding == "learnable":
+            return [self._learned_pos(i, x) for i, x in enumerate(multi_scale)]
+        extra = []
+        for j, name in enumerate(self.pos_proj_features):
+            proj = self.input_proj[num_enc + j](features[name].float())
+            extra.append(self.pos_linear[num_enc + j](proj))
+        return (list(encoder_pos) + extra)[: len(multi_scale)]
 
     def forward(self, features: Dict[str, torch.Tensor]):
         """Same as ``forward_features``; heads call ``forward_features`` directly."""
         return self.forward_features(features)
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class MSDeformAttnPixelDecoder4Scales(MSDeformAttnPixelDecoder):
+    """``MSDeformAttnPixelDecoder`` configured for FASeg: returns the 1/4 FPN output as a 4th multi-scale
+    level (when ``MODEL.HRCA.ENABLED``) and position maps of type ``MODEL.DFPQ.POS_ENCODING`` (official FASeg:
+    conditional PEG). Only ``from_config`` differs; use ``forward_features_with_pos`` to get the maps."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        args = super().from_config(cfg, input_shape)
+        args["num_multi_scale_levels"] = (
+            FASEG_NUM_MULTI_SCALE_LEVELS if cfg.MODEL.HRCA.ENABLED else NUM_MULTI_SCALE_LEVELS
+        )
+        args["position_encoding"] = cfg.MODEL.DFPQ.POS_ENCODING
+        args["pos_kernel_size"] = cfg.MODEL.DFPQ.PEG_KERNEL_SIZE
+        args["learnable_pe_size"] = cfg.MODEL.DFPQ.LEARNABLE_PE_SIZE
+        return args
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class MSDeformAttnPixelDecoder4ScalesFASeg(MSDeformAttnPixelDecoder4Scales):
+    """The official FASeg registry name of ``MSDeformAttnPixelDecoder4Scales`` (so its configs build)."""

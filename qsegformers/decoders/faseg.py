@@ -1,0 +1,359 @@
+"""FASeg's transformer decoder: Mask2Former plus dynamic focus-aware positional queries (DFPQ) and
+high-resolution cross-attention (HRCA). Spec: shared/specs/dfpq.md.
+
+It subclasses ``MultiScaleMaskedTransformerDecoder`` and overrides steps of its forward loop:
+- ``prepare_memory`` adds the 1/4 level (HRCA) and takes the key positional encodings K_p from the pixel
+  decoder (conditional PEG maps) when given;
+- ``attention_mask`` keeps the predicted mask logits (``PredictedMask``) so a layer can derive both its
+  masked-attention mask and the mask-based positional queries;
+- ``decoder_layer`` builds the layer's positional query P_i, runs masked cross-attention (1/32, 1/16, 1/8)
+  or HRCA (1/4), self-attention with P_i and the FFN, then prepares P_{i+1} from the attention map.
+Per-forward state (current P, the round's selecting attention) lives in ``FASegMemory``, not in the module.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+from torch import Tensor, nn
+
+from ..registries import TRANSFORMER_DECODER_REGISTRY
+from . import faseg_head  # noqa: F401  (registers MaskFormerHeadFASeg)
+from .dfpq import (
+    POOL_REGIONS,
+    QUERY_TYPES,
+    attention_pooled_pos,
+    build_pos_mlp,
+    grid_anchors,
+    mask_centres,
+    region_pooled_pos,
+    sine_embed_points,
+)
+from .hrca import (
+    MAPPINGS,
+    SELECTIONS,
+    gather_tokens,
+    gather_tokens_per_query,
+    num_selected_cells,
+    per_query_cross_attention,
+    select_token_indices,
+    selection_scores,
+)
+from .mask2former import NUM_FEATURE_LEVELS, Memory, MultiScaleMaskedTransformerDecoder
+
+__all__ = [
+    "FASegTransformerDecoder", "MultiScaleMaskedTransformerDecoderFASeg", "FASegMemory", "PredictedMask", "LevelInputs",
+]
+
+HRCA_LEVEL = NUM_FEATURE_LEVELS  # index of the 1/4 level: after 1/32, 1/16, 1/8
+SUPPORTED_HRCA_LEVELS = ["1/4"]
+HRCA_QUERY_POS = ("static", "dfpq")
+
+
+@dataclass
+class FASegMemory(Memory):
+    """``Memory`` plus the decoder state carried from layer to layer within one forward pass.
+
+    query_pos: positional query for the next layer, N x B x C (None before layer 0);
+    select_attn: B x N x HW_sel attention of the round's selecting low-resolution layer;
+    hrca_indices: the gathered high-resolution token indices of each HRCA layer (B x G x T).
+    """
+
+    query_pos: Optional[Tensor] = None
+    select_attn: Optional[Tensor] = None
+    hrca_indices: List[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PredictedMask:
+    """What ``attention_mask`` hands to the next layer: the predicted mask logits B x N x H/4 x W/4 (detached)."""
+
+    logits: Tensor
+
+
+class LevelInputs(list):
+    """The decoder's multi-scale features, with the pixel decoder's position maps (or None) attached."""
+
+    def __init__(self, features: List[Tensor], pos_embeddings: Optional[List[Tensor]]):
+        super().__init__(features)
+        self.pos_embeddings = pos_embeddings
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
+    """Masked-attention decoder with DFPQ and HRCA.
+
+    ``forward(features, mask_features, mask=None, targets=None, pos_embeddings=None)``: ``features`` are the
+    pixel decoder's levels coarse to fine (3: 1/32, 1/16, 1/8; 4 with HRCA: + 1/4), ``pos_embeddings`` their
+    key positional encodings (same shapes, 256 channels); when None, sine encodings are used.
+    Outputs follow the Mask2Former contract (``pred_logits``, ``pred_masks``, ``aux_outputs``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        dfpq_enabled: bool,
+        query_type: str,
+        mlp_layers: int,
+        share_mlp: bool,
+        use_bias: bool,
+        first_layer_pool: str,
+        first_layer_pool_threshold: float,
+        detach_attn: bool,
+        attn_mask_threshold: float,
+        hrca_enabled: bool,
+        omega_rate: int,
+        select_from_level: int,
+        shared_across_queries: bool,
+        mapping: str,
+        selection: str,
+        hrca_query_pos: str,
+        extra_final_low_res_layer: bool,
+        **kwargs,
+    ):
+        """
+        Args:
+            in_channels, mask_classification, kwargs: as ``MultiScaleMaskedTransformerDecoder``.
+            dfpq_enabled: False: the positional query is B (``query_embed``) at every layer, no MLP h.
+            query_type: one of ``QUERY_TYPES`` (Table 5).
+            mlp_layers, share_mlp: depth of h (``adapt_pos2d``); one h shared by all layers or one per layer.
+            use_bias: add B to the input of h.
+            first_layer_pool: region of the initial prediction pooled into P_0 (``POOL_REGIONS``).
+            first_layer_pool_threshold: foreground = mask probability >= this.
+            detach_attn: stop gradients through the attention map A.
+            attn_mask_threshold: masked attention attends where mask probability >= this.
+            hrca_enabled: add HRCA on the 1/4 level as the 4th layer of each round.
+            omega_rate: k_low = floor(HW_sel / omega_rate).
+            select_from_level: low-resolution level of the same round whose attention selects the tokens.
+            shared_across_queries: one token set per image (sum over queries) or one per query.
+            mapping, selection: ``MAPPINGS`` and ``SELECTIONS`` of ``hrca.py``.
+            hrca_query_pos: positional query of the HRCA cross-attention: "static" (B) or "dfpq" (P_i).
+            extra_final_low_res_layer: with HRCA, the layer count must be rounds * 4 + 1 (True) or rounds * 4.
+        """
+        super().__init__(in_channels, mask_classification, **kwargs)
+        hidden_dim = self.query_feat.weight.shape[1]
+        self._check_choices(query_type, first_layer_pool, mapping, selection, hrca_query_pos, select_from_level)
+        self.attn_mask_threshold = attn_mask_threshold
+        self.dfpq_enabled = dfpq_enabled and query_type != "learnable"
+        self.query_type = query_type
+        self.use_bias = use_bias
+        self.first_layer_pool = first_layer_pool
+        self.first_layer_pool_threshold = first_layer_pool_threshold
+        self.detach_attn = detach_attn
+        self.hrca_enabled = hrca_enabled
+        self.omega_rate = omega_rate
+        self.select_from_level = select_from_level
+        self.shared_across_queries = shared_across_queries
+        self.mapping = mapping
+        self.selection = selection
+        self.hrca_query_pos = hrca_query_pos
+        if hrca_enabled:
+            remainder = 1 if extra_final_low_res_layer else 0
+            if self.num_layers % (NUM_FEATURE_LEVELS + 1) != remainder:
+                raise ValueError(
+                    f"MODEL.MASK_FORMER.DEC_LAYERS = {self.num_layers + 1} does not give rounds of 4 layers "
+                    f"{'plus one final 1/32 layer' if remainder else ''} (MODEL.HRCA.EXTRA_FINAL_LOW_RES_LAYER = "
+                    f"{extra_final_low_res_layer}); FASeg uses 14."
+                )
+            # Replacing the registered modules keeps their place in the state dict (official order).
+            self.num_feature_levels = NUM_FEATURE_LEVELS + 1
+            self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+            if in_channels != hidden_dim or kwargs["enforce_input_project"]:
+                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.zeros_(proj.bias)
+                self.input_proj.append(proj)
+            else:
+                self.input_proj.append(nn.Sequential())
+        if self.dfpq_enabled:
+            self.adapt_pos2d = (
+                build_pos_mlp(hidden_dim, mlp_layers)
+                if share_mlp
+                else nn.ModuleList(build_pos_mlp(hidden_dim, mlp_layers) for _ in range(self.num_layers))
+            )
+
+    @staticmethod
+    def _check_choices(query_type, first_layer_pool, mapping, selection, hrca_query_pos, select_from_level):
+        choices = [
+            ("MODEL.DFPQ.QUERY_TYPE", query_type, QUERY_TYPES),
+            ("MODEL.DFPQ.FIRST_LAYER_POOL", first_layer_pool, POOL_REGIONS),
+            ("MODEL.HRCA.MAPPING", mapping, MAPPINGS),
+            ("MODEL.HRCA.SELECTION", selection, SELECTIONS),
+            ("MODEL.HRCA.QUERY_POS", hrca_query_pos, HRCA_QUERY_POS),
+            ("MODEL.HRCA.SELECT_FROM_LEVEL", select_from_level, tuple(range(NUM_FEATURE_LEVELS))),
+        ]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{key} = {value!r} is not supported; choose one of {allowed}.")
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification=True):
+        args = super().from_config(cfg, in_channels, mask_classification)
+        dfpq, hrca = cfg.MODEL.DFPQ, cfg.MODEL.HRCA
+        if list(hrca.LEVELS) != SUPPORTED_HRCA_LEVELS:
+            raise ValueError(
+                f"MODEL.HRCA.LEVELS = {list(hrca.LEVELS)} is not implemented; only {SUPPORTED_HRCA_LEVELS} is."
+            )
+        args.update(
+            dfpq_enabled=dfpq.ENABLED,
+            query_type=dfpq.QUERY_TYPE,
+            mlp_layers=dfpq.MLP_LAYERS,
+            share_mlp=dfpq.SHARE_MLP,
+            use_bias=dfpq.USE_BIAS,
+            first_layer_pool=dfpq.FIRST_LAYER_POOL,
+            first_layer_pool_threshold=dfpq.FIRST_LAYER_POOL_THRESHOLD,
+            detach_attn=dfpq.DETACH_ATTN,
+            attn_mask_threshold=dfpq.ATTN_MASK_THRESHOLD,
+            hrca_enabled=hrca.ENABLED,
+            omega_rate=hrca.OMEGA_RATE,
+            select_from_level=hrca.SELECT_FROM_LEVEL,
+            shared_across_queries=hrca.SHARED_ACROSS_QUERIES,
+            mapping=hrca.MAPPING,
+            selection=hrca.SELECTION,
+            hrca_query_pos=hrca.QUERY_POS,
+            extra_final_low_res_layer=hrca.EXTRA_FINAL_LOW_RES_LAYER,
+        )
+        return args
+
+    # ---- overridden steps ----
+
+    def prepare_memory(self, features: List[Tensor]) -> FASegMemory:
+        """features: the levels coarse to fine (optionally ``LevelInputs`` carrying position maps)."""
+        memory = super().prepare_memory(list(features))
+        pos_embeddings = getattr(features, "pos_embeddings", None)
+        pos = memory.pos
+        if pos_embeddings is not None:
+            if len(pos_embeddings) < self.num_feature_levels:
+                raise ValueError(
+                    f"{type(self).__name__} needs {self.num_feature_levels} position maps, got {len(pos_embeddings)}."
+                )
+            pos = [p.flatten(2).permute(2, 0, 1) for p in pos_embeddings[: self.num_feature_levels]]
+        return FASegMemory(src=memory.src, pos=pos, sizes=memory.sizes)
+
+    def attention_mask(self, outputs_mask: Tensor, target_size: Tuple[int, int]) -> PredictedMask:
+        """Keep the logits; the layer that uses them derives its mask (and positional query) from them."""
+        return PredictedMask(logits=outputs_mask.detach())
+
+    def decoder_layer(
+        self, i: int, output: Tensor, query_pos: Optional[Tensor], attn_mask: PredictedMask, memory: FASegMemory
+    ) -> Tensor:
+        """Layer i; ``query_pos`` is the learnable B (N x B x C), output N x B x C."""
+        level = i % self.num_feature_levels
+        is_hrca = self.hrca_enabled and level == HRCA_LEVEL
+        pos_q = self.layer_query_pos(i, level, query_pos, attn_mask, memory)
+        attn = None
+        if is_hrca:
+            output = self.hrca_cross_attention(i, output, query_pos if self.hrca_query_pos == "static" else pos_q,
+                                               memory)
+        else:
+            blocked = super().attention_mask(attn_mask.logits, memory.sizes[level])
+            # A query whose mask covers no pixel would attend to nothing (NaN): let it see everything.
+            blocked[torch.where(blocked.sum(-1) == blocked.shape[-1])] = False
+            layer = self.transformer_cross_attention_layers[i]
+            if self.needs_attention(level):
+                output, attn = layer(output, memory.src[level], memory_mask=blocked, pos=memory.pos[level],
+                                     query_pos=pos_q, need_weights=True)
+            else:
+                output = layer(output, memory.src[level], memory_mask=blocked, pos=memory.pos[level], query_pos=pos_q)
+        output = self.transformer_self_attention_layers[i](output, query_pos=pos_q)
+        output = self.transformer_ffn_layers[i](output)
+        if attn is not None:
+            self.after_attention(i, level, attn, query_pos, memory)
+        return output
+
+    # ---- DFPQ ----
+
+    def needs_attention(self, level: int) -> bool:
+        """Whether the cross-attention map of a layer at ``level`` is used (by DFPQ or HRCA's selection)."""
+        dfpq = self.dfpq_enabled and self.query_type == "dfpq"
+        select = self.hrca_enabled and self.selection == "topk" and level == self.select_from_level
+        return dfpq or select
+
+    def pos_mlp(self, i: int, x: Tensor, bias: Tensor) -> Tensor:
+        """P = h_i(x + B): x B x N x C (batch-first), bias N x B x C -> N x B x C."""
+        x = x.transpose(0, 1)
+        if self.use_bias:
+            x = x + bias
+        mlp = self.adapt_pos2d if isinstance(self.adapt_pos2d, nn.Sequential) else self.adapt_pos2d[i]
+        return mlp(x)
+
+    def layer_query_pos(
+        self, i: int, level: int, bias: Tensor, predicted: PredictedMask, memory: FASegMemory
+    ) -> Tensor:
+        """Positional query P_i of layer i (N x B x C); also stored in ``memory.query_pos``."""
+        if not self.dfpq_enabled:
+            return bias
+        if self.hrca_enabled and level == HRCA_LEVEL:
+            return memory.query_pos  # not refreshed by HRCA (official): reuse the 1/8 layer's
+        if self.query_type == "dfpq" and i > 0:
+            return memory.query_pos  # built from layer i-1's attention in after_attention
+        batch = bias.shape[1]
+        if self.query_type == "grid_anchor":
+            anchors = grid_anchors(bias.shape[0], bias.device)
+            x = sine_embed_points(anchors, bias.shape[-1] // 2)[None].expand(batch, -1, -1)
+        elif self.query_type == "dynamic_anchor":
+            x = sine_embed_points(mask_centres(predicted.logits, self.first_layer_pool_threshold), bias.shape[-1] // 2)
+        elif self.query_type == "dynamic_foreground":
+            x = region_pooled_pos(predicted.logits, memory.pos[level], memory.sizes[level],
+                                  self.first_layer_pool_threshold, "foreground")
+        elif self.first_layer_pool == "none":  # dfpq, layer 0
+            x = torch.zeros_like(bias).transpose(0, 1)
+        else:
+            x = region_pooled_pos(predicted.logits, memory.pos[level], memory.sizes[level],
+                                  self.first_layer_pool_threshold, self.first_layer_pool)
+        memory.query_pos = self.pos_mlp(i, x.to(bias.dtype), bias)
+        return memory.query_pos
+
+    def after_attention(self, i: int, level: int, attn: Tensor, bias: Tensor, memory: FASegMemory) -> None:
+        """Keep the selecting attention of the round; build P_{i+1} = h(A_i K_p + B) (Eq. 2)."""
+        if level == self.select_from_level:
+            memory.select_attn = attn.detach()
+        if self.dfpq_enabled and self.query_type == "dfpq" and i + 1 < self.num_layers:
+            a = attn.detach() if self.detach_attn else attn
+            memory.query_pos = self.pos_mlp(i + 1, attention_pooled_pos(a, memory.pos[level]), bias)
+
+    # ---- HRCA ----
+
+    def hrca_cross_attention(self, i: int, output: Tensor, query_pos: Tensor, memory: FASegMemory) -> Tensor:
+        """Cross-attention of layer i to the selected 1/4 tokens only. output, query_pos: N x B x C."""
+        layer = self.transformer_cross_attention_layers[i]
+        src, pos = memory.src[HRCA_LEVEL], memory.pos[HRCA_LEVEL]
+        if self.selection == "all":  # vanilla: dense attention over every 1/4 token
+            return layer(output, src, pos=pos, query_pos=query_pos)
+        low_size = memory.sizes[self.select_from_level]
+        hw_low = low_size[0] * low_size[1]
+        scores = selection_scores(
+            memory.select_attn, output.shape[1], output.shape[0], hw_low,
+            selection=self.selection, shared=self.shared_across_queries, device=output.device,
+        )
+        indices = select_token_indices(
+            scores, low_size, memory.sizes[HRCA_LEVEL], num_selected_cells(hw_low, self.omega_rate), self.mapping
+        )
+        memory.hrca_indices.append(indices)
+        if self.shared_across_queries:
+            idx = indices[:, 0]
+            return layer(output, gather_tokens(src, idx), pos=gather_tokens(pos, idx), query_pos=query_pos)
+        return per_query_cross_attention(
+            layer, output, gather_tokens_per_query(src, indices), gather_tokens_per_query(pos, indices), query_pos
+        )
+
+    def forward(
+        self,
+        features: List[Tensor],
+        mask_features: Tensor,
+        mask: Optional[Tensor] = None,
+        targets: Optional[List[Dict]] = None,
+        pos_embeddings: Optional[List[Tensor]] = None,
+    ) -> Dict:
+        """features: levels B x C_in x H_l x W_l coarse to fine; pos_embeddings: their K_p maps B x C x H_l x W_l
+        (None: sine); mask_features: B x D x H/4 x W/4. Returns the Mask2Former output dict."""
+        return super().forward(LevelInputs(list(features), pos_embeddings), mask_features, mask, targets)
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoderFASeg(FASegTransformerDecoder):
+    """The official FASeg registry name of ``FASegTransformerDecoder`` (so its configs build)."""

@@ -1,0 +1,139 @@
+"""HRCA (qsegformers/decoders/hrca.py and FASegTransformerDecoder.hrca_cross_attention): token count,
+top-k selection shared by the queries of an image, block mapping, locality, permutation invariance."""
+import pytest
+import torch
+
+from qsegformers.decoders.faseg import HRCA_LEVEL, FASegMemory, LevelInputs
+from qsegformers.decoders.hrca import (
+    gather_tokens,
+    gather_tokens_per_query,
+    num_selected_cells,
+    per_query_cross_attention,
+    select_token_indices,
+    selection_scores,
+)
+from qsegformers.decoders.layers import CrossAttentionLayer
+
+from faseg_test_utils import B, C, Q, SIZES, faseg_inputs, make_faseg
+
+
+@pytest.mark.parametrize("hw_low, omega, expected", [(256, 32, 8), (2048, 32, 64), (64, 16, 4), (255, 32, 7), (4, 32, 1)])
+def test_topk_count_is_floor_hw32_over_omega(hw_low, omega, expected):
+    assert num_selected_cells(hw_low, omega) == expected
+
+
+def test_512_input_gathers_512_of_16384_tokens():
+    scores = torch.rand(1, 1, 16 * 16)
+    idx = select_token_indices(scores, (16, 16), (128, 128), num_selected_cells(256, 32), "block")
+    assert idx.shape == (1, 1, 512) and idx.unique().numel() == 512
+
+
+def test_selection_is_topk_of_attention_summed_over_queries():
+    attn = torch.softmax(torch.randn(B, Q, 64), -1)
+    scores = selection_scores(attn, B, Q, 64, selection="topk", shared=True, device=attn.device)
+    idx = select_token_indices(scores, (8, 8), (64, 64), 3, "block")  # B x 1 x 3*64
+    total = attn.sum(1)
+    for b in range(B):
+        # expected cells: the 3 largest summed scores, found by sorting
+        expected = set(sorted(range(64), key=lambda p: -total[b, p].item())[:3])
+        rows, cols = idx[b, 0] // 64, idx[b, 0] % 64
+        cells = set(((rows // 8) * 8 + cols // 8).tolist())
+        assert cells == expected
+
+
+def test_block_mapping_equals_nearest_upsampling_of_the_selected_cells():
+    h, w, r = 4, 6, 8
+    scores = torch.rand(1, 1, h * w)
+    idx = select_token_indices(scores, (h, w), (h * r, w * r), 5, "block")
+    chosen = torch.zeros(h * r * w * r, dtype=torch.bool)
+    chosen[idx[0, 0]] = True
+    low = torch.zeros(h * w, dtype=torch.bool)
+    low[scores[0, 0].topk(5).indices] = True
+    upsampled = low.view(h, w).repeat_interleave(r, 0).repeat_interleave(r, 1).flatten()
+    assert torch.equal(chosen, upsampled) and idx.shape[-1] == 5 * r * r
+
+
+def test_bilinear_mapping_picks_the_same_count_of_high_res_pixels():
+    scores = torch.rand(2, 1, 16)
+    idx = select_token_indices(scores, (4, 4), (16, 16), 2, "bilinear")
+    assert idx.shape == (2, 1, 32) and all(i.unique().numel() == 32 for i in idx[:, 0])
+    with pytest.raises(ValueError, match="multiple"):
+        select_token_indices(scores, (4, 4), (15, 16), 2, "block")
+
+
+def _memory_with_selection(decoder, attn):
+    feats, pos, _ = faseg_inputs()
+    memory = decoder.prepare_memory(LevelInputs(feats, pos))
+    memory.select_attn = attn
+    return memory
+
+
+def test_hrca_output_depends_only_on_gathered_tokens():
+    """Perturbing unselected 1/4 tokens (features or K_p) leaves the HRCA output unchanged; their gradient is 0."""
+    decoder = make_faseg()
+    attn = torch.softmax(torch.randn(B, Q, 64), -1)
+    memory = _memory_with_selection(decoder, attn)
+    output, bias = decoder.prepare_queries(B)
+    src = memory.src[HRCA_LEVEL].detach().clone().requires_grad_()
+    memory.src[HRCA_LEVEL] = src
+    out = decoder.hrca_cross_attention(3, output, bias, memory)
+    idx = memory.hrca_indices[-1][:, 0]  # B x T: one set per image, the same for every query
+    assert idx.shape == (B, 2 * 64)
+    selected = torch.zeros(src.shape[:2], dtype=torch.bool)
+    selected[idx, torch.arange(B)[:, None]] = True  # (HW_4, B)
+    out.sum().backward()
+    grad_norm = src.grad.abs().sum(-1)
+    assert torch.all(grad_norm[~selected] == 0) and torch.all(grad_norm[selected] > 0)
+    perturbed = FASegMemory(src=list(memory.src), pos=list(memory.pos), sizes=memory.sizes, select_attn=attn)
+    noise = torch.randn_like(src) * (~selected)[..., None]
+    perturbed.src[HRCA_LEVEL] = src.detach() + noise
+    perturbed.pos[HRCA_LEVEL] = memory.pos[HRCA_LEVEL] + noise
+    torch.testing.assert_close(decoder.hrca_cross_attention(3, output, bias, perturbed), out.detach())
+    touched = FASegMemory(src=list(memory.src), pos=list(memory.pos), sizes=memory.sizes, select_attn=attn)
+    touched.src[HRCA_LEVEL] = src.detach() + torch.randn_like(src) * selected[..., None]
+    assert not torch.allclose(decoder.hrca_cross_attention(3, output, bias, touched), out.detach())
+
+
+def test_selected_set_differs_between_images_but_not_between_queries():
+    decoder = make_faseg()
+    attn = torch.zeros(B, Q, 64)
+    attn[0, :, :2] = 0.5  # image 0 looks at cells 0, 1; image 1 at cells 62, 63
+    attn[1, :, -2:] = 0.5
+    memory = _memory_with_selection(decoder, attn)
+    output, bias = decoder.prepare_queries(B)
+    decoder.hrca_cross_attention(3, output, bias, memory)
+    idx = memory.hrca_indices[-1]
+    assert idx.shape[1] == 1  # shared across queries
+    cells = [set(((i // 64 // 8) * 8 + i % 64 // 8).tolist()) for i in idx[:, 0]]
+    assert cells == [{0, 1}, {62, 63}]
+
+
+def test_per_query_attention_equals_shared_attention_for_equal_key_sets():
+    torch.manual_seed(0)
+    layer = CrossAttentionLayer(C, 4).eval()
+    tgt, query_pos = torch.randn(Q, B, C), torch.randn(Q, B, C)
+    src, pos = torch.randn(100, B, C), torch.randn(100, B, C)
+    idx = torch.stack([torch.randperm(100)[:20] for _ in range(B)])  # B x T
+    shared = layer(tgt, gather_tokens(src, idx), pos=gather_tokens(pos, idx), query_pos=query_pos)
+    per_query_idx = idx[:, None].expand(B, Q, -1)
+    per_query = per_query_cross_attention(
+        layer, tgt, gather_tokens_per_query(src, per_query_idx), gather_tokens_per_query(pos, per_query_idx), query_pos
+    )
+    torch.testing.assert_close(per_query, shared, atol=1e-5, rtol=1e-5)
+    # permuting the gathered keys/values together does not change the output
+    perm = idx[:, torch.randperm(20)]
+    permuted = layer(tgt, gather_tokens(src, perm), pos=gather_tokens(pos, perm), query_pos=query_pos)
+    torch.testing.assert_close(permuted, shared, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_input_selects_at_least_one_cell():
+    """64 x 64 input: HW_32 = 4 < omega_rate, k_low clamps to 1 (one 8 x 8 block)."""
+    decoder = make_faseg()
+    feats, pos, mask_features = faseg_inputs([(2, 2), (4, 4), (8, 8), (16, 16)])
+    keys = {}
+    decoder.transformer_cross_attention_layers[3].register_forward_pre_hook(
+        lambda m, args: keys.__setitem__(3, args[1].shape[0])
+    )
+    out = decoder(feats, mask_features, pos_embeddings=pos)
+    assert keys[3] == 64 and torch.isfinite(out["pred_masks"]).all()
+    assert SIZES[3][0] // SIZES[0][0] == 8  # the default test sizes have 8 x 8 blocks too
