@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 
 from .backbones.swin_config import add_swin_config
 from .backbones.vit_config import add_vit_config
+from .decoders.mp_config import add_mp_config
 from .decoders.pft_config import add_pft_config
 from .decoders.faseg_config import add_faseg_config
 
@@ -27,6 +28,12 @@ _FIXED_VALUES = {
     "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV": False,
     "MODEL.MASK_FORMER.ENC_LAYERS": 0,
     "GLOBAL.HACK": 1.0,
+    # Official MP-Former fork keys with no qsegformers meaning (declared in decoders/mp_config.py).
+    "MODEL.MASK_FORMER.DN_MODE": "base",
+    "MODEL.MASK_FORMER.DN_RATIO": 0.5,
+    "MODEL.MASK_FORMER.LAST_Q_RATIO": 0.0,
+    "SOLVER.DROP_EP": 0,
+    "SOLVER.INSTANT_DROP": False,
 }
 
 
@@ -139,6 +146,7 @@ def add_qsegformers_config(cfg):
     add_swin_config(cfg)
     add_vit_config(cfg)
     add_pft_config(cfg)  # MODEL.PFT.* (Pyramid Fusion Transformer)
+    add_mp_config(cfg)  # MODEL.MP.* and the official MP-Former fork's keys
     add_faseg_config(cfg)  # MODEL.DFPQ.* and MODEL.HRCA.* (FASeg)
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.

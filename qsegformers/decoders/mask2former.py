@@ -177,8 +177,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         output = self.transformer_cross_attention_layers[i](
             output, memory.src[level], memory_mask=attn_mask, pos=memory.pos[level], query_pos=query_pos
         )
-        output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+        output = self.transformer_self_attention_layers[i](
+            output, tgt_mask=self.self_attention_mask(i, output), query_pos=query_pos
+        )
         return self.transformer_ffn_layers[i](output)
+
+    def self_attention_mask(self, i: int, output: Tensor) -> Optional[Tensor]:
+        """Query self-attention mask of layer i (Q x Q or (B*heads) x Q x Q, True = blocked); None = all."""
+        return None
 
     def forward_prediction_heads(
         self, output: Tensor, mask_features: Tensor, attn_mask_target_size: Tuple[int, int]
