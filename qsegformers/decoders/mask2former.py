@@ -6,8 +6,10 @@ heads predict from the current queries, and the predicted masks (threshold on th
 next layer's cross-attention to the foreground of each query.
 
 The forward loop calls small overridable steps (``prepare_memory``, ``prepare_queries``,
-``decoder_layer``, ``attention_mask``, ``build_outputs``) so that a method changing one step subclasses
-this decoder instead of copying the loop.
+``decoder_layer``, ``self_attention_mask``, ``forward_prediction_heads``, ``attention_mask``,
+``build_outputs``) so that a method changing one step subclasses this decoder instead of copying the
+loop: MP-Former adds queries and a self-attention mask, FASeg changes the positional queries and the
+cross-attention of some layers.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
