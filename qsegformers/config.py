@@ -10,6 +10,7 @@ from .backbones.vit_config import add_vit_config
 from .decoders.mp_config import add_mp_config
 from .decoders.pft_config import add_pft_config
 from .decoders.faseg_config import add_faseg_config
+from .decoders.segvit_config import add_segvit_config
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
@@ -148,6 +149,7 @@ def add_qsegformers_config(cfg):
     add_pft_config(cfg)  # MODEL.PFT.* (Pyramid Fusion Transformer)
     add_mp_config(cfg)  # MODEL.MP.* and the official MP-Former fork's keys
     add_faseg_config(cfg)  # MODEL.DFPQ.* and MODEL.HRCA.* (FASeg)
+    add_segvit_config(cfg)  # MODEL.ATM.*, MODEL.SHRUNK.*, TEST.SLIDING_WINDOW/SLIDE_* (SegViT)
 
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()

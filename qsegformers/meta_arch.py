@@ -25,6 +25,7 @@ from .losses.semask_prior import (
     semask_prior_loss,
 )
 from .matching.build import build_matcher
+from .sliding_window import sliding_window_scores
 
 __all__ = ["MaskFormer", "SeMaskMaskFormer"]
 
@@ -53,6 +54,9 @@ class MaskFormer(nn.Module):
         instance_on: bool = False,
         test_topk_per_image: int = 100,
         ignore_value: int = IGNORE_LABEL,
+        sliding_window: bool = False,
+        slide_crop: int = 0,
+        slide_stride: int = 0,
     ):
         """
         Args:
@@ -64,6 +68,8 @@ class MaskFormer(nn.Module):
             test_topk_per_image: instances kept per image.
             ignore_value: label of ignored pixels in the semantic map that supervises backbone priors
                 (features named ``sem_*``, e.g. SeMask's); weighted by ``criterion.weight_dict["loss_sem_prior"]``.
+            sliding_window: semantic inference on ``slide_crop`` x ``slide_crop`` windows every
+                ``slide_stride`` pixels, scores averaged where windows overlap (semantic output only).
         """
         super().__init__()
         self.backbone = backbone
@@ -87,6 +93,14 @@ class MaskFormer(nn.Module):
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("Enable at least one of MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON}.")
         self.class_activation = sem_seg_head.predictor.class_activation
+        if sliding_window and (panoptic_on or instance_on):
+            raise ValueError(
+                "TEST.SLIDING_WINDOW averages semantic scores only; disable MODEL.MASK_FORMER.TEST.PANOPTIC_ON "
+                "and INSTANCE_ON, or TEST.SLIDING_WINDOW."
+            )
+        self.sliding_window = sliding_window
+        self.slide_crop = slide_crop
+        self.slide_stride = slide_stride
         # Set by test-time augmentation: also return the per-query predictions at output size.
         self.return_query_outputs = False
 
@@ -119,6 +133,9 @@ class MaskFormer(nn.Module):
             "panoptic_on": test.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "sliding_window": cfg.TEST.SLIDING_WINDOW,
+            "slide_crop": cfg.TEST.SLIDE_CROP,
+            "slide_stride": cfg.TEST.SLIDE_STRIDE,
         }
 
     @property
@@ -134,6 +151,8 @@ class MaskFormer(nn.Module):
         """batched_inputs: detectron2 dicts with ``image`` and, in training, ``instances`` (gt_classes,
         gt_masks). Training returns the weighted losses; inference returns one dict per image with
         ``sem_seg`` (K x H x W), ``panoptic_seg`` (ids H x W, segments_info) and/or ``instances``."""
+        if self.sliding_window and not self.training:
+            return self.sliding_window_inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         if self.training:
@@ -214,6 +233,31 @@ class MaskFormer(nn.Module):
                     mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
                 result["query_outputs"] = {"mask_cls": mask_cls, "mask_pred": mask_pred}
             processed.append(result)
+        return processed
+
+    def window_semantic_scores(self, windows: Tensor) -> Tensor:
+        """B x C x h x w normalised windows -> B x K x h x w semantic scores, as whole-image inference
+        computes them (windows padded to ``size_divisibility``, masks resized to the padded size)."""
+        height, width = windows.shape[-2:]
+        images = ImageList.from_tensors(list(windows), self.size_divisibility)
+        outputs = self.sem_seg_head(self.backbone(images.tensor))
+        size = images.tensor.shape[-2:]
+        masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
+        post = self.query_postprocessing()
+        return torch.stack(
+            [post.semantic(cls, m[:, :height, :width]) for cls, m in zip(outputs["pred_logits"], masks)]
+        )
+
+    def sliding_window_inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+        """``{"sem_seg": K x height x width}`` per image from TEST.SLIDE_CROP windows (see
+        :func:`qsegformers.sliding_window.sliding_window_scores`), resized like whole-image inference."""
+        processed = []
+        for x in batched_inputs:
+            image = (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+            image_size = tuple(image.shape[-2:])
+            sem = sliding_window_scores(image, self.window_semantic_scores, self.slide_crop, self.slide_stride)
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            processed.append({"sem_seg": sem_seg_postprocess(sem, image_size, height, width)})
         return processed
 
     def _thing_ids(self) -> set:

@@ -16,6 +16,7 @@ checkpointer instead drops a wrongly shaped one, which D2ViT turns into an error
 MODEL.VIT.PRETRAIN_IMG_SIZE. ``D2PlainViT`` (the SegViT spec's name) is registered as an alias.
 """
 import logging
+import math
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -53,14 +54,17 @@ def interpolate_pos_embed(
         itself when it does not.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    side = int(round(grid.shape[1] ** 0.5))
-    if side * side != grid.shape[1]:
-        raise ValueError(f"pos_embed holds {grid.shape[1]} grid entries after the prefix, not a square grid")
-    if (side, side) == tuple(grid_hw):
+    # int(): under tracing (fvcore's FLOP count) shape entries are tensors.
+    num_grid = int(grid.shape[1])
+    side = math.isqrt(num_grid)
+    if side * side != num_grid:
+        raise ValueError(f"pos_embed holds {num_grid} grid entries after the prefix, not a square grid")
+    grid_hw = tuple(int(s) for s in grid_hw)
+    if (side, side) == grid_hw:
         return pos_embed
     dim = grid.shape[-1]
     grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=tuple(grid_hw), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=grid_hw, mode="bicubic", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2)
     return torch.cat([prefix, grid], dim=1)
 

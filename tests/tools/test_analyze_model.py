@@ -119,3 +119,14 @@ def test_table_params_flop_scaling_and_uncounted_ops(tool, tmp_path, capsys):
                          "--opts", *SMALL, "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTN_IMPL", "pytorch"])
     assert pytorch.flops["pixel decoder"] == pytest.approx(small.flops["pixel decoder"], rel=1e-9)
     assert pytorch.flops["total"] == pytest.approx(small.flops["total"], rel=1e-9)
+
+
+def test_vit_backbone_is_traced_and_scales_with_tokens(tool):
+    """The ViT's position-embedding resize is traceable (shape entries are tensors under tracing). Per
+    token, patch embedding, qkv/proj and MLP cost the same, so at twice the side (4x the tokens) the
+    backbone costs more than 4x (attention is quadratic in the tokens) and less than 16x."""
+    segvit = str(REPO / "configs" / "toy" / "semantic-segmentation" / "segvit_tiny_toy.yaml")
+    small = tool.main(["--config-file", segvit, "--input-size", "64", "64"])
+    large = tool.main(["--config-file", segvit, "--input-size", "128", "128"])
+    assert small.params["backbone"] > 0 and small.flops["backbone"] > 0
+    assert 4 * small.flops["backbone"] < large.flops["backbone"] < 16 * small.flops["backbone"]
