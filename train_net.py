@@ -9,14 +9,19 @@ Examples::
 
 Without CUDA, the run goes to the CPU (``MODEL.DEVICE cpu``, AMP off) and ``--num-gpus N`` starts N
 CPU processes joined by gloo.
+
+``--resume`` continues exactly where the last checkpoint of ``OUTPUT_DIR`` stopped (weights, optimizer,
+LR schedule, iteration, data order and augmentations). Weights are loaded without unpickling code
+(``torch.load(weights_only=True)``, numpy-only ``.pkl``); ``MODEL.ALLOW_PICKLE_WEIGHTS True`` opts in
+to full pickle for trusted files.
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import qsegformers  # noqa: F401  (registers every model part, dataset and mapper)
 from qsegformers.engine import Trainer, launch, setup
+from qsegformers.engine.checkpoint import QsegCheckpointer
 from qsegformers.engine.defaults import launch_device
 
 
@@ -25,7 +30,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        QsegCheckpointer.from_config(cfg, model).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

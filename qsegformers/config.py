@@ -98,6 +98,7 @@ def add_qsegformers_config(cfg):
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters (queries)
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # LR multiplier of backbone parameters
+    cfg.MODEL.ALLOW_PICKLE_WEIGHTS = False  # load .pkl/.pth weights with full pickle (can run code)
 
     # ---- model: Mask2Former meta-architecture and transformer decoder ----
     cfg.MODEL.MASK_FORMER = CN()

@@ -25,11 +25,11 @@ from typing import Dict
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
+from qsegformers.engine.checkpoint import QsegCheckpointer
 from qsegformers.utils.export import (
     ONNX_OPSET,
     SemanticSegmentationExport,
@@ -103,7 +103,7 @@ def main(argv=None) -> Dict[str, Dict]:
     args = get_parser().parse_args(argv)
     cfg = setup_tool_cfg(args.config_file, list(args.opts) + EXPORT_OPTS)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    QsegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     wrapper = SemanticSegmentationExport(model).eval()
     x = preprocess_for_export(model, sample_image(args, cfg))
     with torch.no_grad():

@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_qsegformers_config
 from .launch import use_cpu_sync_bn
+from .validation import validate_config
 
 __all__ = [
     "setup",
@@ -77,7 +78,9 @@ def setup(args) -> CfgNode:
 
     ``args`` comes from detectron2's ``default_argument_parser()``. Official Mask2Former YAML files
     load unchanged, including their ``!!python/object/apply:eval`` lines (detectron2's
-    ``merge_from_file`` falls back to ``yaml.unsafe_load``; only load files you trust).
+    ``merge_from_file`` falls back to ``yaml.unsafe_load``; only load files you trust). The config
+    is then validated (:func:`qsegformers.engine.validation.validate_config`): every problem is
+    reported at once, before anything is built.
     """
     cfg = get_qsegformers_cfg()
     if args.config_file:
@@ -85,6 +88,7 @@ def setup(args) -> CfgNode:
     cfg.merge_from_list(args.opts)
     notes = adapt_cfg_to_machine(cfg)
     cfg.freeze()
+    validate_config(cfg)
     threads = cpu_threads_per_process(cfg)
     if threads:
         torch.set_num_threads(threads)

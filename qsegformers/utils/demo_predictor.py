@@ -14,6 +14,8 @@ from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ..engine.checkpoint import QsegCheckpointer
+
 __all__ = ["TASKS", "SegmentationDemo", "choose_task", "filter_instances"]
 
 AUTO = "auto"
@@ -25,6 +27,19 @@ TASK_OUTPUTS: Dict[str, Tuple[str, str]] = {
 }
 TASKS = (AUTO,) + tuple(TASK_OUTPUTS)  # "auto" picks the first output present, in this order
 UNUSED_METADATA = "__unused"
+
+
+def _safe_predictor(cfg) -> DefaultPredictor:
+    """detectron2's ``DefaultPredictor`` whose weights are loaded by :class:`QsegCheckpointer` (no
+    unpickling of code unless ``MODEL.ALLOW_PICKLE_WEIGHTS``); ``DefaultPredictor`` itself would use
+    the unrestricted ``DetectionCheckpointer``."""
+    without_weights = cfg.clone()
+    without_weights.defrost()
+    without_weights.MODEL.WEIGHTS = ""
+    without_weights.freeze()
+    predictor = DefaultPredictor(without_weights)
+    QsegCheckpointer.from_config(cfg, predictor.model).load(cfg.MODEL.WEIGHTS)
+    return predictor
 
 
 def choose_task(predictions: Dict, task: str = AUTO) -> str:
@@ -76,7 +91,7 @@ class SegmentationDemo:
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else UNUSED_METADATA)
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = _safe_predictor(cfg)
         self.cpu = torch.device("cpu")
 
     def predict(self, image: np.ndarray) -> Dict:

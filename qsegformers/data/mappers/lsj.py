@@ -44,7 +44,8 @@ class COCOPanopticLSJDatasetMapper(MaskFormerPanopticDatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        return {**_lsj_mapper_config(cfg, is_train), "ignore_label": ignore_label_from_cfg(cfg)}
+        return {**_lsj_mapper_config(cfg, is_train), "ignore_label": ignore_label_from_cfg(cfg),
+                "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}
 
 
 @register_mapper("coco_instance_lsj")

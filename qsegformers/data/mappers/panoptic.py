@@ -9,6 +9,7 @@ from detectron2.data import transforms as T
 from .semantic import (
     IMAGE_PAD_VALUE,
     MaskFormerSemanticDatasetMapper,
+    check_class_ids,
     image_to_tensor,
     masks_to_instances,
     pad_to_divisibility,
@@ -64,6 +65,7 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
         # uint8 RGB encoding goes through PIL, whose nearest neighbour picks other source pixels).
         pan_ids = rgb2id(_read_panoptic_rgb(dataset_dict.pop("pan_seg_file_name"), image.shape)).astype(np.float64)
         segments_info = dataset_dict.pop("segments_info")
+        check_class_ids([s["category_id"] for s in segments_info], self.num_classes, "segments_info")
         if "sem_seg_file_name" in dataset_dict:
             sem_seg = read_label(dataset_dict.pop("sem_seg_file_name"), image.shape)
         else:

@@ -8,11 +8,19 @@ Every mapper turns one dataset dict into the training input of the meta-architec
                    gt_classes: N int64 tensor
                    gt_masks:   N x H x W bool tensor, every mask non-empty
 
-These mappers only serve training; evaluation uses detectron2's ``DatasetMapper``.
+These mappers only serve training; evaluation uses :class:`.test_time.SafeTestDatasetMapper`.
+
+Bad inputs (issue 11): images are read with :func:`qsegformers.utils.image_io.read_image_any`
+(EXIF orientation applied; grayscale, palette, RGBA and 16-bit images converted to 3 x 8 bits);
+images smaller than the crop or the padding divisor are padded; targets that vanish after cropping
+are dropped (an image may then have no target, which the criterion handles). A sample the mapper
+cannot use (undecodable file, label of another size, label ids outside ``0..NUM_CLASSES-1``, an aspect
+ratio so extreme that the resize makes a side 0) raises a ValueError/OSError naming the file; in
+training, :class:`.robust.DropBadSamples` turns it into one warning and a dropped sample.
 """
 import copy
 import logging
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -24,11 +32,13 @@ from detectron2.structures import Instances
 from torch.nn import functional as F
 
 from ...registries import DATASET_MAPPER_REGISTRY
+from ...utils.image_io import ImageReadError, read_image_any
 from .color_aug import ColorAugSSDTransform
 
 __all__ = [
     "MaskFormerSemanticDatasetMapper",
     "build_mask_former_augmentations",
+    "check_class_ids",
     "masks_to_instances",
     "pad_to_divisibility",
     "read_image_checked",
@@ -40,6 +50,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_PAD_VALUE = 128  # padding value of image pixels (Mask2Former's choice)
+READ_ANY_FORMATS = ("BGR", "RGB")  # formats read_image_any produces; others use detectron2's reader
+def check_class_ids(class_ids: List[int], num_classes: Optional[int], source: str) -> None:
+    """Raise a ValueError naming ``source`` if a class id is outside ``0..num_classes-1``."""
+    if num_classes is None:
+        return
+    bad = sorted({int(c) for c in class_ids if not 0 <= c < num_classes})
+    if bad:
+        raise ValueError(f"{source} has class ids {bad} outside 0..{num_classes - 1} "
+                         f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes}) that are not the ignore label")
 
 
 def register_mapper(name: str):
@@ -88,11 +107,19 @@ def ignore_label_from_cfg(cfg) -> int:
 
 
 def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
-    """H x W x C uint8 image of ``dataset_dict["file_name"]`` (grayscale/RGBA converted to the format)."""
+    """H x W x C uint8 image of ``dataset_dict["file_name"]``, upright per its EXIF orientation.
+
+    Grayscale, palette, RGBA and 16-bit files are converted to ``image_format`` (see
+    :func:`qsegformers.utils.image_io.read_image_any`). Raises an OSError naming the file if it cannot
+    be decoded, detectron2's ``SizeMismatchError`` (a ValueError) if the record's size differs.
+    """
     path = dataset_dict["file_name"]
     try:
-        image = utils.read_image(path, format=image_format)
-    except OSError as e:
+        if image_format in READ_ANY_FORMATS:
+            image = read_image_any(path, format=image_format)
+        else:
+            image = utils.read_image(path, format=image_format)
+    except (ImageReadError, OSError) as e:
         raise OSError(f"Cannot read image file {path}: {e}") from e
     utils.check_image_size(dataset_dict, image)
     return image
@@ -155,7 +182,7 @@ class MaskFormerSemanticDatasetMapper:
 
     @configurable
     def __init__(self, is_train: bool = True, *, augmentations: list, image_format: str, ignore_label: int,
-                 size_divisibility: int):
+                 size_divisibility: int, num_classes: Optional[int] = None):
         """
         Args:
             is_train: must be True (the mapper only prepares training data).
@@ -163,9 +190,11 @@ class MaskFormerSemanticDatasetMapper:
             image_format: INPUT.FORMAT, the channel order of ``image``.
             ignore_label: label of unlabelled pixels; also the label padding value.
             size_divisibility: pad image and labels to multiples of this (<= 0: no padding).
+            num_classes: samples with class ids outside ``0..num_classes-1`` are dropped (None: no check).
         """
         require_train(is_train, type(self).__name__)
         self.is_train = is_train
+        self.num_classes = num_classes
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label
@@ -180,6 +209,7 @@ class MaskFormerSemanticDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": ignore_label_from_cfg(cfg),
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -188,7 +218,9 @@ class MaskFormerSemanticDatasetMapper:
         if "sem_seg_file_name" not in dataset_dict:
             raise ValueError(f"{type(self).__name__} needs 'sem_seg_file_name' in the dataset dict of "
                              f"{dataset_dict['file_name']}.")
-        sem_seg = read_label(dataset_dict.pop("sem_seg_file_name"), image.shape)
+        label_file = dataset_dict.pop("sem_seg_file_name")
+        sem_seg = read_label(label_file, image.shape)
+        check_class_ids(np.unique(sem_seg[sem_seg != self.ignore_label]).tolist(), self.num_classes, label_file)
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug_input)
 

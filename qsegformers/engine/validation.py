@@ -1,0 +1,144 @@
+"""Start-up validation of a config: every problem found, reported in one ``ConfigValidationError``.
+
+Checked before anything is built (``setup()``, ``Trainer`` and ``train_net.py --eval-only``):
+
+* registry names: the meta-architecture, the training mapper and, for qsegformers meta-architectures,
+  backbone, head, pixel decoder, transformer decoder, matcher and criterion;
+* the compatibility keys of official configs (:func:`qsegformers.config.check_unsupported_keys`);
+* ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` against the class list of every train/test dataset:
+  ``thing_classes`` for instance data (evaluator "coco"/"cityscapes_instance" or the instance mapper),
+  else ``stuff_classes`` (semantic, and panoptic, whose ``stuff_classes`` list every class);
+* decoder / pixel decoder: a decoder that reads ``L`` multi-scale levels (its module's
+  ``NUM_FEATURE_LEVELS``) needs at least ``L`` features in ``MODEL.SEM_SEG_HEAD.IN_FEATURES``;
+* decoder / matcher: ``FixedMatcher`` assigns query k to class k, so a decoder built for another
+  matcher (whose query count is ``NUM_OBJECT_QUERIES``) needs ``NUM_OBJECT_QUERIES == NUM_CLASSES``;
+  decoders that declare ``matcher_name = "FixedMatcher"`` make one query per class themselves.
+"""
+import logging
+import sys
+from typing import List
+
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+from ..config import check_unsupported_keys
+from ..registries import (
+    CRITERION_REGISTRY,
+    DATASET_MAPPER_REGISTRY,
+    MATCHER_REGISTRY,
+    PIXEL_DECODER_REGISTRY,
+    TRANSFORMER_DECODER_REGISTRY,
+)
+
+__all__ = ["ConfigValidationError", "config_problems", "validate_config"]
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "qsegformers"
+FIXED_MATCHER = "FixedMatcher"
+INSTANCE_EVALUATORS = ("coco", "cityscapes_instance")
+INSTANCE_MAPPERS = ("mask_former_instance", "coco_instance_lsj")
+LEVELS_ATTRIBUTE = "NUM_FEATURE_LEVELS"  # module constant of a decoder: multi-scale levels it reads
+
+
+class ConfigValidationError(ValueError):
+    """The config has one or more problems; the message lists them all."""
+
+
+def _registry_problem(registry, name: str, key: str) -> List[str]:
+    if name in registry:
+        return []
+    choices = ", ".join(sorted(k for k, _ in registry))
+    return [f"{key} = {name!r} is not registered (choose one of: {choices})"]
+
+
+def _is_qsegformers_arch(cfg) -> bool:
+    name = cfg.MODEL.META_ARCHITECTURE
+    return name in META_ARCH_REGISTRY and META_ARCH_REGISTRY.get(name).__module__.startswith(PACKAGE)
+
+
+def _name_problems(cfg) -> List[str]:
+    problems = _registry_problem(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
+    problems += _registry_problem(DATASET_MAPPER_REGISTRY, cfg.INPUT.DATASET_MAPPER_NAME, "INPUT.DATASET_MAPPER_NAME")
+    if not _is_qsegformers_arch(cfg):
+        return problems
+    mf, head = cfg.MODEL.MASK_FORMER, cfg.MODEL.SEM_SEG_HEAD
+    checks = [
+        (BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME"),
+        (SEM_SEG_HEADS_REGISTRY, head.NAME, "MODEL.SEM_SEG_HEAD.NAME"),
+        (PIXEL_DECODER_REGISTRY, head.PIXEL_DECODER_NAME, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME"),
+        (TRANSFORMER_DECODER_REGISTRY, mf.TRANSFORMER_DECODER_NAME, "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"),
+    ]
+    if mf.MATCHER_NAME:
+        checks.append((MATCHER_REGISTRY, mf.MATCHER_NAME, "MODEL.MASK_FORMER.MATCHER_NAME"))
+    if mf.CRITERION_NAME:
+        checks.append((CRITERION_REGISTRY, mf.CRITERION_NAME, "MODEL.MASK_FORMER.CRITERION_NAME"))
+    for registry, name, key in checks:
+        problems += _registry_problem(registry, name, key)
+    return problems
+
+
+def _num_classes_problems(cfg) -> List[str]:
+    problems = []
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for dataset_name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        meta = MetadataCatalog.get(dataset_name)
+        instance_only = (meta.get("evaluator_type") in INSTANCE_EVALUATORS
+                         or (dataset_name in cfg.DATASETS.TRAIN and cfg.INPUT.DATASET_MAPPER_NAME in INSTANCE_MAPPERS))
+        field = "thing_classes" if instance_only else "stuff_classes"
+        classes = meta.get(field)
+        if classes is None and not instance_only:
+            field, classes = "thing_classes", meta.get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            problems.append(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes}, but dataset {dataset_name!r} has "
+                f"{len(classes)} classes in its metadata ({field}); set NUM_CLASSES {len(classes)}"
+            )
+    return problems
+
+
+def _decoder_problems(cfg) -> List[str]:
+    mf, head = cfg.MODEL.MASK_FORMER, cfg.MODEL.SEM_SEG_HEAD
+    if not _is_qsegformers_arch(cfg) or mf.TRANSFORMER_DECODER_NAME not in TRANSFORMER_DECODER_REGISTRY:
+        return []
+    problems = []
+    decoder_cls = TRANSFORMER_DECODER_REGISTRY.get(mf.TRANSFORMER_DECODER_NAME)
+    levels = getattr(sys.modules.get(decoder_cls.__module__), LEVELS_ATTRIBUTE, None)
+    if levels is not None and len(head.IN_FEATURES) < levels:
+        problems.append(
+            f"MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = {mf.TRANSFORMER_DECODER_NAME!r} reads {levels} "
+            f"multi-scale feature levels, but the pixel decoder {head.PIXEL_DECODER_NAME!r} gets only "
+            f"{len(head.IN_FEATURES)} features (MODEL.SEM_SEG_HEAD.IN_FEATURES = {list(head.IN_FEATURES)})"
+        )
+    own_matcher = getattr(decoder_cls, "matcher_name", "")
+    if (mf.MATCHER_NAME == FIXED_MATCHER and own_matcher != FIXED_MATCHER
+            and mf.NUM_OBJECT_QUERIES != head.NUM_CLASSES):
+        problems.append(
+            f"MODEL.MASK_FORMER.MATCHER_NAME = {FIXED_MATCHER!r} assigns query k to class k, but decoder "
+            f"{mf.TRANSFORMER_DECODER_NAME!r} makes MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = "
+            f"{mf.NUM_OBJECT_QUERIES} queries for MODEL.SEM_SEG_HEAD.NUM_CLASSES = {head.NUM_CLASSES} classes"
+        )
+    return problems
+
+
+def config_problems(cfg) -> List[str]:
+    """Every problem found in ``cfg`` (empty when it is fine)."""
+    # Importing the package registers every stage, mapper and dataset the names may refer to.
+    import qsegformers  # noqa: F401
+
+    problems = _name_problems(cfg)
+    try:
+        check_unsupported_keys(cfg)
+    except ValueError as err:
+        problems.append(str(err))
+    problems += _num_classes_problems(cfg)
+    problems += _decoder_problems(cfg)
+    return problems
+
+
+def validate_config(cfg) -> None:
+    """Raise :class:`ConfigValidationError` listing every problem of ``cfg``, if there is any."""
+    problems = config_problems(cfg)
+    if problems:
+        listing = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+        raise ConfigValidationError(f"The config has {len(problems)} problem(s):\n{listing}")
