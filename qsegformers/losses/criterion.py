@@ -100,8 +100,9 @@ class SetCriterion(nn.Module):
         self.losses = list(losses)
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int, matcher: nn.Module) -> "SetCriterion":
-        """Mask2Former's criterion from ``MODEL.MASK_FORMER.*`` (weights, points, deep supervision)."""
+    def config_kwargs(cls, cfg, num_classes: int, matcher: nn.Module) -> Dict:
+        """Mask2Former's constructor arguments from ``MODEL.MASK_FORMER.*`` (weights, points, deep
+        supervision); a subclass extends this dict instead of repeating it."""
         mf = cfg.MODEL.MASK_FORMER
         weight_dict = build_weight_dict(
             class_weight=mf.CLASS_WEIGHT,
@@ -110,17 +111,22 @@ class SetCriterion(nn.Module):
             dec_layers=mf.DEC_LAYERS,
             deep_supervision=mf.DEEP_SUPERVISION,
         )
-        return cls(
-            num_classes,
-            matcher=matcher,
-            weight_dict=weight_dict,
-            eos_coef=mf.NO_OBJECT_WEIGHT,
-            losses=["labels", "masks"],
-            num_points=mf.TRAIN_NUM_POINTS,
-            oversample_ratio=mf.OVERSAMPLE_RATIO,
-            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
-            deep_supervision=mf.DEEP_SUPERVISION,
-        )
+        return {
+            "num_classes": num_classes,
+            "matcher": matcher,
+            "weight_dict": weight_dict,
+            "eos_coef": mf.NO_OBJECT_WEIGHT,
+            "losses": ["labels", "masks"],
+            "num_points": mf.TRAIN_NUM_POINTS,
+            "oversample_ratio": mf.OVERSAMPLE_RATIO,
+            "importance_sample_ratio": mf.IMPORTANCE_SAMPLE_RATIO,
+            "deep_supervision": mf.DEEP_SUPERVISION,
+        }
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int, matcher: nn.Module) -> "SetCriterion":
+        """The criterion built from :meth:`config_kwargs`."""
+        return cls(**cls.config_kwargs(cfg, num_classes, matcher))
 
     # ------------------------------------------------------------------ loss terms
 

@@ -93,35 +93,22 @@ class MPCriterion(SetCriterion):
         self.mp_assignment = mp_assignment
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int, matcher: nn.Module) -> "MPCriterion":
+    def config_kwargs(cls, cfg, num_classes: int, matcher: nn.Module) -> Dict:
+        """:class:`SetCriterion`'s arguments plus the MP options and the MP loss weights."""
         # Imported here: qsegformers.decoders imports this module (the decoder names its criterion).
         from ..decoders.mp_config import mp_options
 
         mf = cfg.MODEL.MASK_FORMER
         opts = mp_options(cfg)
-        weight_dict = build_weight_dict(
-            mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
-        )
+        kwargs = super().config_kwargs(cfg, num_classes, matcher)
         mult = opts["loss_weight_mult"]
-        weight_dict.update(
+        kwargs["weight_dict"].update(
             mp_weight_dict(
                 mf.CLASS_WEIGHT * mult, mf.MASK_WEIGHT * mult, mf.DICE_WEIGHT * mult, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
             )
         )
-        return cls(
-            num_classes,
-            matcher=matcher,
-            weight_dict=weight_dict,
-            eos_coef=mf.NO_OBJECT_WEIGHT,
-            losses=["labels", "masks"],
-            num_points=mf.TRAIN_NUM_POINTS,
-            oversample_ratio=mf.OVERSAMPLE_RATIO,
-            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
-            deep_supervision=mf.DEEP_SUPERVISION,
-            mp_enabled=opts["enabled"],
-            mp_cls_loss=opts["cls_loss"],
-            mp_assignment=opts["assignment"],
-        )
+        kwargs.update(mp_enabled=opts["enabled"], mp_cls_loss=opts["cls_loss"], mp_assignment=opts["assignment"])
+        return kwargs
 
     def mp_match(self, outputs: Dict, targets: List[Dict], num_groups: int, max_targets: int) -> Indices:
         """Assignment of one MP output dict (B x P predictions): hard, or Hungarian per group."""
