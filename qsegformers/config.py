@@ -15,11 +15,8 @@ from .decoders.segvit_config import add_segvit_config
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
 # Keys declared only so that official files merge, with the one value qsegformers supports: the
-# DeepLab ResNet variant and DeepLab heads are not built, nor MaskFormer (v1)'s transformer encoder.
+# DeepLab heads are not built, nor MaskFormer (v1)'s transformer encoder.
 _FIXED_VALUES = {
-    "MODEL.RESNETS.RES4_DILATION": 1,
-    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],
-    "MODEL.RESNETS.STEM_TYPE": "basic",
     "MODEL.SEM_SEG_HEAD.LOSS_TYPE": "hard_pixel_mining",
     "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES": ["res2"],
     "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS": [48],
@@ -36,22 +33,50 @@ _FIXED_VALUES = {
     "SOLVER.DROP_EP": 0,
     "SOLVER.INSTANT_DROP": False,
 }
+# DeepLab ResNet keys: honoured by build_resnet_deeplab_backbone (backbones/resnet_deeplab.py), silently
+# ignored by detectron2's ResNet builders, which therefore accept only these defaults.
+_DEEPLAB_RESNET_DEFAULTS = {
+    "MODEL.RESNETS.RES4_DILATION": 1,
+    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],
+    "MODEL.RESNETS.STEM_TYPE": "basic",
+}
+_BACKBONES_IGNORING_DEEPLAB_KEYS = ("build_resnet_backbone",)
+
+
+def _value(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
 
 
 def check_unsupported_keys(cfg):
     """Raise one ValueError listing every compatibility key set to a value qsegformers cannot honour."""
-    problems = []
-    for key, supported in _FIXED_VALUES.items():
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        if (list(node) if isinstance(node, (list, tuple)) else node) != supported:
-            problems.append(f"{key} = {node!r} (only {supported!r} is supported)")
+    messages = []
+    problems = [
+        f"{key} = {_value(cfg, key)!r} (only {supported!r} is supported)"
+        for key, supported in _FIXED_VALUES.items()
+        if _value(cfg, key) != supported
+    ]
     if problems:
-        raise ValueError(
+        messages.append(
             "These keys are accepted only so that official Mask2Former/DeepLab configs merge; qsegformers "
             "does not build what they configure: " + "; ".join(problems) + ". Remove them from the config."
         )
+    backbone = cfg.MODEL.BACKBONE.NAME
+    ignored = [
+        f"{key} = {_value(cfg, key)!r}"
+        for key, default in _DEEPLAB_RESNET_DEFAULTS.items()
+        if backbone in _BACKBONES_IGNORING_DEEPLAB_KEYS and _value(cfg, key) != default
+    ]
+    if ignored:
+        messages.append(
+            f"MODEL.BACKBONE.NAME = {backbone!r} ignores " + "; ".join(ignored) + ": set MODEL.BACKBONE.NAME to "
+            "'build_resnet_deeplab_backbone' (the DeepLab ResNet: deeplab stem, res4 dilation, res5 multi-grid) "
+            "or remove these keys."
+        )
+    if messages:
+        raise ValueError(" ".join(messages))
 
 
 def add_deeplab_compat_config(cfg):
@@ -71,8 +96,8 @@ def add_deeplab_compat_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
     cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV = False
-    # DeepLab's ResNet extensions. qsegformers builds detectron2's ResNet, which has none of them:
-    # check_unsupported_keys() rejects values other than these defaults.
+    # DeepLab's ResNet extensions, read by build_resnet_deeplab_backbone; check_unsupported_keys() rejects
+    # values other than these defaults with detectron2's build_resnet_backbone, which ignores them.
     cfg.MODEL.RESNETS.RES4_DILATION = 1
     cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
     cfg.MODEL.RESNETS.STEM_TYPE = "basic"
