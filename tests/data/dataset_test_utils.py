@@ -3,6 +3,7 @@ import importlib.util
 import os
 
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 
 from qsegformers.config import add_qsegformers_config
 
@@ -31,6 +32,11 @@ def evaluator_cfg(dataset, mapper, tmp_path, image_size, semantic=True, panoptic
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.SIZE_DIVISIBILITY = 32
     cfg.OUTPUT_DIR = str(tmp_path)
+    # The class count of the dataset (mappers reject label ids outside it).
+    meta = MetadataCatalog.get(dataset)
+    classes = meta.thing_classes if mapper == "mask_former_instance" else meta.get("stuff_classes", None)
+    if classes:
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(classes)
     test = cfg.MODEL.MASK_FORMER.TEST
     test.SEMANTIC_ON, test.PANOPTIC_ON, test.INSTANCE_ON = semantic, panoptic, instance
     return cfg
