@@ -37,6 +37,8 @@ def semantic_scores(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torc
 class ATMCriterion(SetCriterion):
     """Class CE + dense focal/dice mask losses with query k <-> class k, or the per-pixel CE variant."""
 
+    assignment_is_fixed = True  # query k <-> class k, the same for every stage's prediction
+
     def __init__(
         self,
         num_classes: int,
@@ -143,18 +145,6 @@ class ATMCriterion(SetCriterion):
         scores = semantic_scores(outputs["pred_logits"].float(), masks)
         gt = semantic_targets(targets, (height, width), self.ignore_value).to(scores.device)
         return {"loss_sem_ce": semask_prior_loss(scores, gt, self.ignore_value)}
-
-    def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Unweighted losses of the final prediction and, with deep supervision, of every aux prediction
-        (keys suffixed ``_<i>``). The fixed assignment is computed once and shared by every prediction."""
-        indices = self.match(outputs, targets)
-        num_masks = self.get_num_masks(targets, outputs["pred_masks"].device)
-        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses = self.compute_losses(main, targets, indices, num_masks)
-        if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update(self.compute_losses(aux, targets, indices, num_masks, suffix=f"_{i}"))
-        return losses
 
     def weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Multiply each loss by its weight; an aux copy ``<key>_<i>`` takes the weight of ``<key>``."""

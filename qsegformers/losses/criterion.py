@@ -231,6 +231,14 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ entry points
 
+    # True when the assignment does not depend on the predictions (query k = class k): it is then
+    # computed once and shared by every output instead of being matched per output.
+    assignment_is_fixed = False
+
+    def aux_outputs_for_loss(self, aux_outputs: Dict) -> Dict:
+        """The entries of one auxiliary output that are supervised (all of them by default)."""
+        return aux_outputs
+
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         """Unweighted losses of the final output and, with deep supervision, of every aux output.
 
@@ -238,12 +246,14 @@ class SetCriterion(nn.Module):
             {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", ...}: scalar tensors.
         """
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        num_masks = self.get_num_masks(targets, outputs["pred_logits"].device)
-        losses = self.compute_losses(main_outputs, targets, self.match(main_outputs, targets), num_masks)
+        num_masks = self.get_num_masks(targets, outputs["pred_masks"].device)
+        indices = self.match(main_outputs, targets)
+        losses = self.compute_losses(main_outputs, targets, indices, num_masks)
         if self.deep_supervision:
             for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-                indices = self.match(aux_outputs, targets)
-                losses.update(self.compute_losses(aux_outputs, targets, indices, num_masks, suffix=f"_{i}"))
+                aux_indices = indices if self.assignment_is_fixed else self.match(aux_outputs, targets)
+                aux_outputs = self.aux_outputs_for_loss(aux_outputs)
+                losses.update(self.compute_losses(aux_outputs, targets, aux_indices, num_masks, suffix=f"_{i}"))
         return losses
 
     def weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -82,6 +82,8 @@ class PFTCriterion(SetCriterion):
     {"labels": T_b distinct class ids, "masks": T_b x H x W binary masks}.
     """
 
+    assignment_is_fixed = True  # query k <-> class k, the same for every output
+
     def __init__(
         self,
         num_classes: int,
@@ -271,19 +273,11 @@ class PFTCriterion(SetCriterion):
 
     # ------------------------------------------------------------------ entry point
 
-    def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Unweighted losses of the final output and, with deep supervision, of every aux output
-        (keys suffixed ``_<i>``). The fixed assignment is computed once and shared by every output."""
-        indices = self.match(outputs, targets)
-        num_masks = self.get_num_masks(targets, outputs["pred_masks"].device)
-        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses = self.compute_losses(main, targets, indices, num_masks)
-        if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                if self.attn_loss_layers == "last":
-                    aux = {k: v for k, v in aux.items() if k != "attn_logits"}
-                losses.update(self.compute_losses(aux, targets, indices, num_masks, suffix=f"_{i}"))
-        return losses
+    def aux_outputs_for_loss(self, aux_outputs: Dict) -> Dict:
+        """With ``attn_loss_layers == "last"`` the attention loss applies to the final output only."""
+        if self.attn_loss_layers == "last":
+            return {k: v for k, v in aux_outputs.items() if k != "attn_logits"}
+        return aux_outputs
 
     def extra_repr(self) -> str:
         return (
