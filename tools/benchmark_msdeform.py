@@ -10,8 +10,6 @@ Usage:
     python tools/benchmark_msdeform.py [--threads 2] [--repeats 5] [--device cpu] [--sizes 512 1024]
 """
 import argparse
-import statistics
-import time
 
 import torch
 from detectron2.config import get_cfg
@@ -20,6 +18,7 @@ from detectron2.layers import ShapeSpec
 from qsegformers.config import add_qsegformers_config
 from qsegformers.ops.ms_deform_attn import compiled_kernel_available, ms_deform_attn
 from qsegformers.pixel_decoders.build import build_pixel_decoder
+from qsegformers.utils.benchmark import median_time
 
 HEADS, POINTS, CHANNELS = 8, 4, 256
 ENCODER_STRIDES = (8, 16, 32)
@@ -29,24 +28,6 @@ R50_SHAPES = {
     "res4": ShapeSpec(channels=1024, stride=16),
     "res5": ShapeSpec(channels=2048, stride=32),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _op_inputs(size: int, batch: int, device: torch.device):
@@ -83,7 +64,7 @@ def _op_case(size, batch, impl, device, warmup, repeats):
         out = ms_deform_attn(leaves[0], shapes, start, leaves[1], leaves[2], impl=impl)
         out.backward(grad)
 
-    return _median_time(forward, device, warmup, repeats), _median_time(forward_backward, device, warmup, repeats)
+    return median_time(forward, device, warmup, repeats), median_time(forward_backward, device, warmup, repeats)
 
 
 def _decoder_case(size, batch, impl, device, warmup, repeats):
@@ -112,7 +93,7 @@ def _decoder_case(size, batch, impl, device, warmup, repeats):
         mask_features, _, multi_scale = decoder.forward_features(feats)
         (mask_features.mean() + sum(f.mean() for f in multi_scale)).backward()
 
-    return _median_time(forward, device, warmup, repeats), _median_time(forward_backward, device, warmup, repeats)
+    return median_time(forward, device, warmup, repeats), median_time(forward_backward, device, warmup, repeats)
 
 
 def main() -> None:
