@@ -9,12 +9,16 @@ Examples::
 
 Inference: ``model(inputs)`` in eval mode under ``torch.no_grad`` on a batch of random images of each size
 (the model normalises and pads them, and post-processes to the input size, as in evaluation).
-Training: one iteration of detectron2's trainer on generated targets (random boxes as instance masks): the
-forward pass returning the weighted losses, backward, and a step of the optimizer ``SOLVER.*`` builds
-(``qsegformers.engine.build_optimizer``, with its gradient clipping). Times are medians over
-``--repeats`` calls after ``--warmup`` untimed ones. Peak memory: ``torch.cuda.max_memory_allocated`` on
-GPU; on CPU the process's peak RSS from ``resource.getrusage`` (a process-wide high-water mark; see
-``qsegformers/utils/benchmark.py``). Weights do not change the timings, so ``MODEL.WEIGHTS`` is ignored.
+Training: one iteration of detectron2's trainer on generated targets: the forward pass returning the weighted
+losses (inside an ``EventStorage`` at ``--iter``, as the trainer runs it, so iteration schedules such as PFT's
+attention loss see it), backward, and a step of the optimizer ``SOLVER.*`` builds
+(``qsegformers.engine.build_optimizer``, with its gradient clipping). Targets are random boxes as instance
+masks, or, for models whose query k stands for class k (``FixedMatcher``: PFT, SegViT ATM), a semantic map
+(one mask per class). The loss terms of the last call are logged and written to ``--json``.
+Times are medians over ``--repeats`` calls after ``--warmup`` untimed ones. Peak memory:
+``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak RSS from ``resource.getrusage`` (a
+process-wide high-water mark; see ``qsegformers/utils/benchmark.py``). Weights do not change the timings,
+so ``MODEL.WEIGHTS`` is ignored.
 """
 import argparse
 import json
@@ -33,6 +37,7 @@ from qsegformers.utils.benchmark import (
     generated_batch,
     median_time,
     memory_kind,
+    needs_semantic_targets,
     peak_memory_mib,
     reset_peak_memory,
     train_step,
@@ -61,6 +66,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="both")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case (median reported)")
+    parser.add_argument("--iter", type=int, default=0, dest="iteration",
+                        help="training iteration the train step stands for (read by iteration schedules)")
     parser.add_argument("--device", default="", help="overrides MODEL.DEVICE (cpu, cuda, cuda:1 ...)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -83,11 +90,19 @@ def benchmark_inference(model, cfg, size, args, device) -> BenchmarkResult:
 
 def benchmark_train(model, optimizer, cfg, size, args, device) -> BenchmarkResult:
     model.train()
-    inputs = generated_batch(args.batch, *size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, with_targets=True)
+    inputs = generated_batch(args.batch, *size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, with_targets=True,
+                             semantic=needs_semantic_targets(model))
     reset_peak_memory(device)
-    median = median_time(lambda: train_step(model, optimizer, inputs), device, args.warmup, args.repeats)
+    last_losses = {}
+
+    def call():
+        last_losses.update(train_step(model, optimizer, inputs, args.iteration))
+
+    median = median_time(call, device, args.warmup, args.repeats)
+    logger.info("train %dx%d loss terms: %s", *size,
+                ", ".join(f"{name} {value:.4g}" for name, value in sorted(last_losses.items())))
     return BenchmarkResult("train", list(size), args.batch, args.repeats, median, args.batch / median,
-                           peak_memory_mib(device), memory_kind(device))
+                           peak_memory_mib(device), memory_kind(device), last_losses)
 
 
 def format_table(results: List[BenchmarkResult]) -> str:
@@ -95,7 +110,10 @@ def format_table(results: List[BenchmarkResult]) -> str:
              f"{r.peak_memory_mib:.0f}"] for r in results]
     headers = ["mode", "size", "batch", "median ms", "images/s", "peak MiB"]
     kinds = sorted({r.memory_kind for r in results})
-    return tabulate(rows, headers=headers, tablefmt="pipe") + f"\npeak memory: {', '.join(kinds)}"
+    lines = [tabulate(rows, headers=headers, tablefmt="pipe"), f"peak memory: {', '.join(kinds)}"]
+    lines += [f"train {r.size[0]}x{r.size[1]}: loss {sum(r.loss_terms.values()):.4g} = sum of "
+              f"{len(r.loss_terms)} weighted terms" for r in results if r.loss_terms]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> List[BenchmarkResult]:

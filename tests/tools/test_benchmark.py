@@ -68,8 +68,9 @@ def test_generated_batch_and_train_step_update_the_model():
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    loss = train_step(model, optimizer, batch)
-    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    losses = train_step(model, optimizer, batch)
+    assert {"loss_ce", "loss_mask", "loss_dice"} <= set(losses)
+    assert sum(losses.values()) > 0 and torch.isfinite(torch.tensor(list(losses.values()))).all()
     changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in changed)
     assert any(k.startswith("sem_seg_head.predictor.") for k in changed)
