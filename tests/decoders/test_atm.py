@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -13,6 +14,7 @@ from detectron2.structures import Instances
 from qsegformers.config import add_qsegformers_config
 from qsegformers.decoders.atm import ATMDecoder, ATMShrunkDecoder
 from qsegformers.decoders.build import build_transformer_decoder
+from qsegformers.losses.atm_criterion import ATMCriterion
 
 K, C_IN, D, HEADS, B, H, W = 5, 24, 32, 4, 2, 6, 5
 
@@ -125,6 +127,46 @@ def test_token_permutation_permutes_masks_and_keeps_logits():
     torch.testing.assert_close(out_p["pred_masks"], out["pred_masks"][..., perm], rtol=1e-4, atol=1e-5)
 
 
+def _segment_targets():
+    """Two images at twice the mask resolution: image 0 has classes 1 and 3, image 1 has class 0."""
+    m0 = torch.zeros(2, 2 * H, 2 * W)
+    m0[0, :, :W], m0[1, : 2 * H // 3] = 1, 1
+    m1 = torch.zeros(1, 2 * H, 2 * W)
+    m1[0, H:, 2:] = 1
+    return [{"labels": torch.tensor([1, 3]), "masks": m0}, {"labels": torch.tensor([0]), "masks": m1}]
+
+
+def test_mask_loss_trains_the_attention_similarity():
+    """The focal + dice mask loss of the final prediction reaches the q/k projections of the last ATM layer,
+    with the gradient autograd gives through an independent recomputation of that layer's similarity."""
+    dec = make_decoder()
+    last = dec.stages[-1].layers[-1]
+    captured = {}
+    last.register_forward_hook(lambda m, args, out: captured.update(inputs=[a.detach() for a in args]))
+    out = dec(features())
+    crit = ATMCriterion(K, deep_supervision=False)
+    targets = _segment_targets()
+
+    def mask_loss(pred_masks):
+        losses = crit({"pred_logits": out["pred_logits"].detach(), "pred_masks": pred_masks}, targets)
+        return losses["loss_mask"] + losses["loss_dice"]
+
+    params = [last.cross_attn.q_proj.weight, last.cross_attn.k_proj.weight]
+    loss = mask_loss(out["pred_masks"])
+    assert loss.requires_grad, "the mask logits are detached from the attention similarity"
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    assert all(g is not None for g in got), "the mask loss does not reach the q/k projections"
+    # reference: the earlier stages' cumulative masks (constant for these weights) + the similarity recomputed
+    # from the layer's inputs and weights
+    similarity = independent_similarity(last, *captured["inputs"]).reshape(B, K, H, W)
+    reference = out["aux_outputs"][-1]["pred_masks"].detach() + similarity
+    torch.testing.assert_close(reference, out["pred_masks"].detach(), rtol=1e-4, atol=1e-5)
+    expected = torch.autograd.grad(mask_loss(reference), params)
+    for g, e in zip(got, expected):
+        assert e.norm() > 1e-2  # measured: 0.076 (q) and 0.12 (k); float noise is ~1e-8
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6 * e.abs().max().item())
+
+
 def test_gradients_reach_every_parameter():
     dec = make_decoder().train()
     out = dec(features())
@@ -158,6 +200,59 @@ def test_shrunk_decoder_qu_grid_and_supervised_layers(memory_sizes):
     # no accumulation: the prediction is the last layer's own similarity, unlike the earlier layers'
     torch.testing.assert_close(out["pred_masks"], out["stage_masks"])
     assert not torch.allclose(out["pred_masks"], out["aux_outputs"][1]["pred_masks"])
+
+
+def _attention(mha, query, key):
+    """nn.MultiheadAttention written out: per-head softmax(q k^T / sqrt(d)) v, heads concatenated, out_proj.
+    query: B x N x D, key (= value): B x L x D -> B x N x D."""
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q, k, v = query @ w_q.T + b_q, key @ w_k.T + b_k, key @ w_v.T + b_v
+    d = q.shape[-1] // mha.num_heads
+    heads = []
+    for h in range(mha.num_heads):
+        s = slice(h * d, (h + 1) * d)
+        heads.append((q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v[..., s])
+    return torch.cat(heads, -1) @ mha.out_proj.weight.T + mha.out_proj.bias
+
+
+def _layer_norm(norm, x):
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def reference_qu(upsampler, feats):
+    """QU written out (batch-first): the grid queries decode feature 0 (early, 1/16) with the layers of stage 0,
+    then feature 1 (last, 1/32) with those of stage 1; each layer is post-norm SA, CA, ReLU FFN."""
+    batch = feats[0].shape[0]
+    x = upsampler.queries.weight[None].expand(batch, -1, -1)
+    for proj, layers, f in zip(upsampler.input_proj, upsampler.stages, feats):
+        tokens = f.flatten(2).transpose(1, 2)  # B x (h*w) x C
+        memory = _layer_norm(proj.norm, tokens @ proj.proj.weight.T + proj.proj.bias)
+        for layer in layers:
+            x = _layer_norm(layer.self_attn.norm, x + _attention(layer.self_attn.self_attn, x, x))
+            x = _layer_norm(layer.cross_attn.norm, x + _attention(layer.cross_attn.multihead_attn, x, memory))
+            ffn = layer.ffn
+            hidden = F.relu(x @ ffn.linear1.weight.T + ffn.linear1.bias)
+            x = _layer_norm(ffn.norm, x + hidden @ ffn.linear2.weight.T + ffn.linear2.bias)
+    return x.transpose(1, 2).reshape(batch, -1, *upsampler.grid_hw)
+
+
+def test_qu_decodes_the_early_feature_then_the_last_one():
+    """QU equals its written-out computation on (early 1/16, last 1/32) features, and the early feature matters:
+    replacing it changes the fused map well beyond the tolerance."""
+    torch.manual_seed(0)
+    grid = (4, 3)
+    dec = ATMShrunkDecoder(
+        in_channels=C_IN, num_classes=K, embed_dim=D, num_heads=HEADS, ffn_ratio=2, dropout=0.0,
+        num_features=2, qu_layers_per_stage=2, atm_layers=1, grid_hw=grid,
+    ).eval()
+    g = torch.Generator().manual_seed(6)
+    early, last = torch.randn(B, C_IN, 4, 4, generator=g), torch.randn(B, C_IN, 2, 2, generator=g)
+    with torch.no_grad():
+        fused = dec.upsampler([early, last])
+        torch.testing.assert_close(fused, reference_qu(dec.upsampler, [early, last]), rtol=1e-4, atol=1e-5)
+        other = dec.upsampler([torch.randn(B, C_IN, 4, 4, generator=g), last])
+    assert (other - fused).abs().max() > 0.1  # measured: 0.64
 
 
 def test_built_from_config_with_spec_defaults():

@@ -1,6 +1,7 @@
 """MultiScaleMaskedTransformerDecoder: contract, shapes and the masked-attention behaviour."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qsegformers.decoders.layers import MLP, CrossAttentionLayer
 from qsegformers.decoders.mask2former import MultiScaleMaskedTransformerDecoder
@@ -96,6 +97,65 @@ def test_fully_blocked_query_attends_everywhere_instead_of_nan():
     mask_features = torch.full_like(mask_features, -1e3)  # masks all negative -> everything blocked
     out = decoder(feats, mask_features)
     assert torch.isfinite(out["pred_logits"]).all()
+
+
+def _features_blocking_query_0(decoder):
+    """Mask features whose input-query prediction blocks query 0 everywhere (logit -10) while every other query
+    predicts a random pattern (logit = pattern), so it attends to a part of each level."""
+    with torch.no_grad():
+        embed = decoder.mask_embed(decoder.decoder_norm(decoder.query_feat.weight))  # Q x D
+        target = torch.zeros(Q, 2)
+        target[0, 0], target[1:, 1] = -10.0, 1.0
+        v = torch.linalg.pinv(embed) @ target  # D x 2: embed @ v = target (Q < D)
+    pattern = torch.randn(B, 1, 16, 24, generator=torch.Generator().manual_seed(2))
+    return v[:, 0][None, :, None, None] + pattern * v[:, 1][None, :, None, None]
+
+
+def test_fully_blocked_query_attends_to_every_key_others_keep_their_mask():
+    """The input prediction blocks query 0 at every 1/32 pixel: layer 0's cross-attention gives it the unmasked
+    attention over all keys (memory_mask=None), the other queries the masked attention of their own predicted
+    mask, and the whole forward equals a reference in which fully blocked rows are unmasked by hand."""
+    decoder = make_decoder(dec_layers=4)
+    feats, _ = inputs()
+    mask_features = _features_blocking_query_0(decoder)
+    with torch.no_grad():
+        logits = decoder.forward_prediction_heads(*decoder.prepare_queries(B)[:1], mask_features, SIZES[0])[1]
+    low = F.interpolate(logits, size=SIZES[0], mode="bilinear", align_corners=False).flatten(2)  # B x Q x 6
+    assert (low[:, 0] < -5).all()  # query 0: sigmoid < 0.5 at every key
+    assert low[:, 1:].abs().min() > 1e-3  # the others are not decided by float noise ...
+    predicted = low.sigmoid() < 0.5
+    assert predicted[:, 1:].any(-1).all() and (~predicted[:, 1:]).any(-1).all()  # ... and partially blocked
+    captured = {}
+    handle = decoder.transformer_cross_attention_layers[0].register_forward_hook(
+        lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=out.detach().clone()),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        out = decoder(feats, mask_features)
+    handle.remove()  # the reference calls below must not overwrite the capture
+    layer = decoder.transformer_cross_attention_layers[0]
+    tgt, memory = captured["args"]
+    pos, query_pos = captured["kwargs"]["pos"], captured["kwargs"]["query_pos"]
+    with torch.no_grad():
+        unmasked = layer(tgt, memory, memory_mask=None, pos=pos, query_pos=query_pos)
+        mask = predicted.repeat_interleave(decoder.num_heads, dim=0)  # (B*heads) x Q x S, image-major
+        masked = layer(tgt, memory, memory_mask=mask.clone(), pos=pos, query_pos=query_pos)
+    torch.testing.assert_close(captured["out"][0], unmasked[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(captured["out"][1:], masked[1:], atol=1e-5, rtol=1e-5)
+    assert (unmasked[1:] - masked[1:]).abs().max() > 1e-2  # masking the other rows does change them
+
+    reference = make_decoder(dec_layers=4)
+    plain_mask = reference.attention_mask
+
+    def unmask_full_rows(outputs_mask, target_size):
+        blocked = plain_mask(outputs_mask, target_size)
+        return torch.where(blocked.all(-1, keepdim=True), torch.zeros_like(blocked), blocked)
+
+    reference.attention_mask = unmask_full_rows
+    with torch.no_grad():
+        expected = reference(feats, mask_features)
+    torch.testing.assert_close(out["pred_logits"], expected["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pred_masks"], expected["pred_masks"], atol=1e-4, rtol=1e-5)
 
 
 def test_rejects_wrong_number_of_levels_and_layers():

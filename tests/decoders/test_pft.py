@@ -15,6 +15,7 @@ from qsegformers.decoders.pft import PyramidFusionTransformerDecoder
 from qsegformers.decoders.pft_config import add_pft_config
 from qsegformers.decoders.pft_layers import head_averaged_attention_logits
 from qsegformers.inference import semantic_inference
+from qsegformers.pixel_decoders.position_encoding import PositionEmbeddingSine
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 B, C, K, D = 2, 16, 5, 8
@@ -141,6 +142,43 @@ def test_head_averaged_logits_equal_mean_of_per_head_logits():
     single = torch.nn.MultiheadAttention(C, 1)
     _, weights = single(query, key, key, need_weights=True)
     torch.testing.assert_close(head_averaged_attention_logits(single, query, key).softmax(-1), weights)
+
+
+def test_attention_logits_are_those_of_the_actual_cross_attention():
+    """At the call site: each layer's ``attn_logits`` equal the head-averaged pre-softmax logits of that layer's
+    cross-attention, q from the queries + their embedding, k from the pixel tokens + their sine encoding
+    (recomputed here from the features), and their per-head softmax is what the module attends with."""
+    decoder = make_decoder(dec_layers=3).train()
+    feats, mask_features = inputs()
+    calls = {}
+    for i, layer in enumerate(decoder.layers):
+        for s, ca in enumerate(layer.cross_attention_layers):
+            ca.register_forward_pre_hook(
+                lambda m, args, kwargs, key=(i, s): calls.__setitem__(key, (args, kwargs)), with_kwargs=True
+            )
+    out = decoder(feats, mask_features)
+    predictions = out["aux_outputs"][1:] + [out]  # aux 0 is the input-query prediction
+    sine = PositionEmbeddingSine(C // 2, normalize=True)
+    heads, d = 4, C // 4
+    for (i, s), (args, kwargs) in sorted(calls.items()):
+        feature = feats[::-1][s]  # scales finest first
+        memory = feature.flatten(2).permute(2, 0, 1)  # in_channels == hidden_dim: no projection
+        pos = sine(feature).flatten(2).permute(2, 0, 1)
+        query_pos = decoder.query_embed[s].weight[:, None].expand(K, B, C)
+        tgt = args[0].detach()
+        torch.testing.assert_close(kwargs["pos"], pos)  # what the cross-attention itself adds to its keys
+        mha = decoder.layers[i].cross_attention_layers[s].multihead_attn
+        w_q, w_k, _ = mha.in_proj_weight.detach().chunk(3)
+        b_q, b_k, _ = mha.in_proj_bias.detach().chunk(3)
+        q = ((tgt + query_pos) @ w_q.T + b_q).reshape(K, B, heads, d).permute(1, 2, 0, 3)  # B x h x K x d
+        k = ((memory + pos) @ w_k.T + b_k).reshape(-1, B, heads, d).permute(1, 2, 0, 3)  # B x h x HW x d
+        per_head = q @ k.transpose(-1, -2) / math.sqrt(d)
+        with torch.no_grad():
+            _, weights = mha(tgt + query_pos, memory + pos, memory, need_weights=True, average_attn_weights=False)
+        torch.testing.assert_close(per_head.softmax(-1), weights, rtol=1e-4, atol=1e-6)
+        expected = per_head.mean(1).unflatten(-1, feature.shape[-2:])
+        torch.testing.assert_close(predictions[i]["attn_logits"][s].detach(), expected, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2 * 3
 
 
 def test_attention_loss_gradient_reaches_query_and_key_projections_only():

@@ -1,4 +1,6 @@
 """Tests of qsegformers/losses/criterion.py."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,66 @@ def test_build_criterion_from_config():
     )
     with pytest.raises(KeyError, match="MODEL.MASK_FORMER.CRITERION_NAME"):
         build_criterion(cfg, "NoSuchCriterion", 5, matcher=None)
+
+
+
+# One image, two targets; for the aux-matching test only the class cost matters (masks are all ones).
+_AUX_TARGETS = [{"labels": torch.tensor([0, 2]), "masks": torch.ones(2, 4, 4)}]
+
+
+def _preferring(assignment, num_queries=3, logit=3.0):
+    """Outputs (1 x Q x (K+1) logits) in which query assignment[j] predicts target j's class, the rest no-object."""
+    logits = torch.zeros(1, num_queries, NUM_CLASSES + 1)
+    logits[0, :, NUM_CLASSES] = logit
+    for j, q in enumerate(assignment):
+        logits[0, q] = 0.0
+        logits[0, q, _AUX_TARGETS[0]["labels"][j]] = logit
+    return {"pred_logits": logits, "pred_masks": torch.zeros(1, num_queries, 4, 4)}
+
+
+def _brute_force_ce(logits, labels, empty_weight):
+    """The class cost's optimal assignment by enumeration, and the weighted CE under it, written out."""
+    probs = logits[0].softmax(-1)
+    num_queries = logits.shape[1]
+    best = min(
+        itertools.permutations(range(num_queries), len(labels)),
+        key=lambda qs: -sum(probs[q, labels[j]].item() for j, q in enumerate(qs)),
+    )
+    classes = [NUM_CLASSES] * num_queries
+    for j, q in enumerate(best):
+        classes[q] = int(labels[j])
+    log_p = logits[0].log_softmax(-1)
+    w = torch.stack([empty_weight[c] for c in classes])
+    nll = torch.stack([-log_p[q, c] for q, c in enumerate(classes)])
+    return best, (w * nll).sum() / w.sum()
+
+
+def test_each_aux_output_is_matched_with_its_own_predictions():
+    """Final and aux outputs prefer different query -> target assignments: every aux loss equals the CE under
+    that aux output's own optimal assignment (brute force), and the matcher sees each output's logits."""
+    assignments = [(1, 2), (2, 0), (0, 1)]  # aux 0, aux 1, final: the queries predicting target 0, target 1
+    aux = [_preferring(a) for a in assignments[:2]]
+    outputs = dict(_preferring(assignments[2]), aux_outputs=aux)
+    seen = []
+
+    class RecordingMatcher(HungarianMatcher):
+        def forward(self, outputs, targets):
+            seen.append(outputs["pred_logits"])
+            return super().forward(outputs, targets)
+
+    matcher = RecordingMatcher(cost_class=1.0, cost_mask=0.0, cost_dice=0.0, num_points=4)
+    criterion = SetCriterion(
+        NUM_CLASSES, matcher, build_weight_dict(1.0, 1.0, 1.0, DEC_LAYERS, True), EOS_COEF, ["labels"], 4, 3.0, 0.75
+    )
+    losses = criterion(outputs, _AUX_TARGETS)
+    assert len(seen) == 3 and seen[0] is outputs["pred_logits"]
+    assert all(s is a["pred_logits"] for s, a in zip(seen[1:], aux))
+    labels = _AUX_TARGETS[0]["labels"]
+    for key, out, preferred in zip(("loss_ce_0", "loss_ce_1", "loss_ce"), aux + [outputs], assignments):
+        best, expected = _brute_force_ce(out["pred_logits"], labels, criterion.empty_weight)
+        assert best == preferred
+        torch.testing.assert_close(losses[key], expected)
+    # under the final output's assignment the aux losses would be far larger: the check discriminates
+    final = [(torch.tensor(assignments[2]), torch.arange(2))]
+    for i, out in enumerate(aux):
+        assert criterion.loss_labels(out, _AUX_TARGETS, final, 2)["loss_ce"] > losses[f"loss_ce_{i}"] + 0.5
