@@ -11,6 +11,7 @@ from .decoders.mp_config import add_mp_config
 from .decoders.pft_config import add_pft_config
 from .decoders.faseg_config import add_faseg_config
 from .decoders.segvit_config import add_segvit_config
+from .pixel_decoders.msdeform import OFFICIAL_UNREAD_ENCODER_KEYS as UNREAD_ENCODER_KEYS
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
@@ -41,6 +42,8 @@ _DEEPLAB_RESNET_DEFAULTS = {
     "MODEL.RESNETS.STEM_TYPE": "basic",
 }
 _BACKBONES_IGNORING_DEEPLAB_KEYS = ("build_resnet_backbone",)
+# MODEL.* namespaces that only add_qsegformers_config declares together: all present = already added.
+_QSEG_NAMESPACES = ("MASK_FORMER", "MP", "DN", "PFT", "DFPQ", "HRCA", "ATM", "SHRUNK")
 
 
 def _value(cfg, key):
@@ -104,7 +107,11 @@ def add_deeplab_compat_config(cfg):
 
 
 def add_qsegformers_config(cfg):
-    """Add every qsegformers key (Mask2Former names first) to ``cfg`` in place."""
+    """Add every qsegformers key (Mask2Former names first) to ``cfg`` in place. Idempotent: on a config that
+    already has them it changes nothing (re-declaring ``MODEL.MASK_FORMER`` would drop the MP-Former keys
+    declared there, and values merged in between would be reset)."""
+    if all(hasattr(cfg.MODEL, ns) for ns in _QSEG_NAMESPACES) and hasattr(cfg, "GLOBAL"):
+        return
     add_deeplab_compat_config(cfg)
 
     # ---- data ----
@@ -133,8 +140,8 @@ def add_qsegformers_config(cfg):
     mf.CLASS_WEIGHT = 1.0  # weight of the classification loss (and matching cost)
     mf.DICE_WEIGHT = 1.0  # weight of the dice loss (and matching cost)
     mf.MASK_WEIGHT = 20.0  # weight of the sigmoid BCE mask loss (and matching cost)
-    mf.NHEADS = 8  # attention heads of the transformer decoder
-    mf.DROPOUT = 0.1  # dropout of the transformer decoder
+    mf.NHEADS = 8  # attention heads of the transformer decoder and of the pixel decoder's deformable encoder
+    mf.DROPOUT = 0.1  # dropout of the pixel decoder's deformable encoder (the official decoder uses none)
     mf.DIM_FEEDFORWARD = 2048  # FFN hidden size of the transformer decoder
     mf.ENC_LAYERS = 0  # MaskFormer (v1)'s transformer encoder layers; only 0 is supported
     mf.DEC_LAYERS = 6  # decoder layers, counting the prediction on the learnable queries
@@ -165,8 +172,10 @@ def add_qsegformers_config(cfg):
     ssh.TRANSFORMER_ENC_LAYERS = 0  # deformable-attention encoder layers of the pixel decoder
     ssh.PIXEL_DECODER_NAME = "BasePixelDecoder"  # pixel decoder registry name
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]  # encoder inputs
-    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4  # sampling points per level and head
-    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8  # heads of the deformable attention
+    # Official keys the original declares but never reads (its encoder has MODEL.MASK_FORMER.NHEADS heads and
+    # 4 points); accepted only at these official defaults, so that official config dumps merge.
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = UNREAD_ENCODER_KEYS["DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS"]
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = UNREAD_ENCODER_KEYS["DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS"]
     ssh.DEFORMABLE_ATTN_IMPL = "auto"  # deformable attention op: "auto", "compiled" or "pytorch"
 
     # ---- backbones: each backbone module declares its own keys ----

@@ -17,6 +17,8 @@ from .position_encoding import PositionEmbeddingSine
 
 __all__ = [
     "ENCODER_DIM_FEEDFORWARD",
+    "ENCODER_N_POINTS",
+    "OFFICIAL_UNREAD_ENCODER_KEYS",
     "MSDeformAttnEncoderLayer",
     "MSDeformAttnEncoder",
     "MSDeformAttnTransformerEncoderOnly",
@@ -29,6 +31,16 @@ __all__ = [
 # FFN width of the official deformable encoder; it is fixed there, not read from the config
 # (MODEL.MASK_FORMER.DIM_FEEDFORWARD is the transformer decoder's).
 ENCODER_DIM_FEEDFORWARD = 1024
+# Sampling points per level and head of the official deformable encoder, also fixed there.
+ENCODER_N_POINTS = 4
+# Keys the official config declares for the encoder but never reads (its head count is
+# MODEL.MASK_FORMER.NHEADS, its point count ENCODER_N_POINTS). Every official config dump carries them
+# at these defaults, so they are accepted at these values only; any other value would be silently
+# ignored by the original, so it is rejected here instead.
+OFFICIAL_UNREAD_ENCODER_KEYS = {
+    "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": 8,
+    "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS": ENCODER_N_POINTS,
+}
 # GroupNorm groups of the encoder input projections (official: GroupNorm(32, conv_dim)).
 INPUT_PROJ_NUM_GROUPS = 32
 # Position encodings of the encoder inputs and returned maps: fixed sine (Mask2Former), a learnable absolute
@@ -155,6 +167,19 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index)
         return memory, spatial_shapes, level_start_index
+
+
+def _check_unread_encoder_keys(head) -> None:
+    """Reject MODEL.SEM_SEG_HEAD keys of ``OFFICIAL_UNREAD_ENCODER_KEYS`` set away from the official default."""
+    changed = [f"MODEL.SEM_SEG_HEAD.{key} = {head[key]!r}" for key, default in OFFICIAL_UNREAD_ENCODER_KEYS.items()
+               if head[key] != default]
+    if changed:
+        raise ValueError(
+            f"{'; '.join(changed)}: as in the official Mask2Former, the deformable encoder of the pixel decoder "
+            f"takes its head count from MODEL.MASK_FORMER.NHEADS and uses {ENCODER_N_POINTS} sampling points; these "
+            f"keys are accepted only at their official defaults {OFFICIAL_UNREAD_ENCODER_KEYS} so that official "
+            f"config dumps merge. Remove them from the config (set MODEL.MASK_FORMER.NHEADS for the head count)."
+        )
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -295,17 +320,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        """The official mapping: the encoder's dropout and heads are MODEL.MASK_FORMER.DROPOUT and NHEADS
+        (shared with the transformer decoder's keys), its FFN width and points are fixed."""
         head = cfg.MODEL.SEM_SEG_HEAD
+        _check_unread_encoder_keys(head)
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
-            "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            "transformer_nheads": cfg.MODEL.MASK_FORMER.NHEADS,
             "transformer_dim_feedforward": ENCODER_DIM_FEEDFORWARD,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
-            "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+            "transformer_n_points": ENCODER_N_POINTS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
             "common_stride": head.COMMON_STRIDE,
             "ms_deform_attn_impl": head.DEFORMABLE_ATTN_IMPL,

@@ -124,17 +124,28 @@ def test_config_errors_name_the_key():
 
 
 def test_config_values_reach_the_encoder():
-    model = build_pixel_decoder(
-        _tiny_cfg(DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=4, DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS=2), TINY_SHAPES
-    )
+    """As in the official from_config: heads = MODEL.MASK_FORMER.NHEADS (not the SEM_SEG_HEAD key, which the
+    original declares at 8 and never reads), 4 points, FFN 1024, dropout = MODEL.MASK_FORMER.DROPOUT."""
+    cfg = _tiny_cfg()
+    cfg.MODEL.MASK_FORMER.NHEADS = 4
+    assert cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS == 8
+    model = build_pixel_decoder(cfg, TINY_SHAPES)
     layers = model.transformer.encoder.layers
     assert len(layers) == 2
     attn = layers[0].self_attn
-    assert (attn.n_heads, attn.n_points, attn.n_levels) == (4, 2, 3)
+    assert (attn.n_heads, attn.n_points, attn.n_levels) == (4, 4, 3)
     assert layers[0].linear1.out_features == 1024
     assert layers[0].dropout1.p == pytest.approx(0.1)
     assert model.transformer_in_features == ["res5", "res4", "res3"]
     assert model.num_fpn_levels == 1
+
+
+@pytest.mark.parametrize("key, value", [("DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", 4),
+                                        ("DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS", 2)])
+def test_unread_official_encoder_keys_reject_other_values(key, value):
+    """The original ignores these keys, so a changed value would silently build another model than asked for."""
+    with pytest.raises(ValueError, match=rf"MODEL\.SEM_SEG_HEAD\.{key} = {value}.*MODEL\.MASK_FORMER\.NHEADS"):
+        build_pixel_decoder(_tiny_cfg(**{key: value}), TINY_SHAPES)
 
 
 def test_encoder_reference_points_are_pixel_centres():
