@@ -11,6 +11,7 @@ softmax-head ``sum_q p_q[c] sigmoid(m_q)``.
   (crop / 16)^2 token map from the backbone features, then one ATM stage runs on it; each of its layers is
   a supervised prediction, masks are not accumulated.
 """
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import configurable
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from ..losses import atm_criterion  # noqa: F401  (registers ATMCriterion, named by criterion_name)
 from ..registries import TRANSFORMER_DECODER_REGISTRY
 from .atm_layers import ATMStage, QueryUpsampler, TokenProjection, repeat_tokens, resize_like
+from .segvit_config import DEFAULT_CUMULATIVE_MASKS, DEFAULT_LAYERS_PER_STAGE
 
 __all__ = ["ATMDecoder", "ATMShrunkDecoder"]
 
@@ -167,7 +169,8 @@ class ATMShrunkDecoder(_ClassTokenHead):
 
     Output dict: ``pred_logits`` B x K x (K+1) and ``pred_masks`` B x K x gh x gw of the last ATM layer
     (``stage_masks`` is the same tensor); ``aux_outputs`` the earlier layers. (gh, gw) is the QU query
-    grid, fixed by the training crop: run inference on crops of that size (TEST.SLIDING_WINDOW).
+    grid, fixed by the training crop: run inference on crops of that size (TEST.SLIDING_WINDOW). Built from a
+    config, it raises a ValueError on any other input size instead of stretching the grid's masks over it.
     """
 
     @configurable
@@ -185,6 +188,9 @@ class ATMShrunkDecoder(_ClassTokenHead):
         qu_layers_per_stage: int,
         atm_layers: int,
         grid_hw: Tuple[int, int],
+        use_input_proj: bool = True,
+        input_size: Optional[Tuple[int, int]] = None,
+        input_stride: Optional[int] = None,
     ):
         """
         Args:
@@ -194,11 +200,22 @@ class ATMShrunkDecoder(_ClassTokenHead):
             qu_layers_per_stage: decoder layers of each QU stage.
             atm_layers: layers of the ATM stage (= number of predictions).
             grid_hw: QU query grid (crop / stride).
+            use_input_proj: ``LayerNorm(Linear)`` of each QU input; without it in_channels must equal embed_dim.
+            input_size: (H, W) of the (padded) input the grid was built for, the training crop; with
+                ``input_stride``, any other input size is a ValueError. None: no check.
+            input_stride: stride in pixels of the first feature (SegViT: the patch size of the pre-QD block).
         """
         if not mask_classification:
             raise ValueError("ATMShrunkDecoder only supports mask classification.")
+        if not use_input_proj and in_channels != embed_dim:
+            raise ValueError(
+                f"MODEL.ATM.USE_INPUT_PROJ is False, so the QU inputs' width {in_channels} "
+                f"(MODEL.SEM_SEG_HEAD.CONVS_DIM) must equal MODEL.ATM.EMBED_DIM {embed_dim}"
+            )
         super().__init__(num_classes, embed_dim)
         self.grid_hw = tuple(grid_hw)
+        self.input_size = None if input_size is None else tuple(input_size)
+        self.input_stride = input_stride
         ffn_dim = ffn_ratio * embed_dim
         self.upsampler = QueryUpsampler(
             in_channels=[in_channels] * num_features,
@@ -208,6 +225,7 @@ class ATMShrunkDecoder(_ClassTokenHead):
             dropout=dropout,
             layers_per_stage=qu_layers_per_stage,
             grid_hw=self.grid_hw,
+            use_input_proj=use_input_proj,
         )
         self.stage = ATMStage(
             dim=embed_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, num_layers=atm_layers
@@ -223,6 +241,22 @@ class ATMShrunkDecoder(_ClassTokenHead):
                 f"'absolute' and INPUT.CROP.SIZE {tuple(crop.SIZE)} multiples of MODEL.SHRUNK.QU_QUERY_STRIDE "
                 f"{shrunk.QU_QUERY_STRIDE}"
             )
+        # The cascade's keys have no meaning for the single QU + ATM stage: refuse changed values.
+        unused = {
+            "MODEL.ATM.LAYERS_PER_STAGE": (atm.LAYERS_PER_STAGE, DEFAULT_LAYERS_PER_STAGE,
+                                           "set the ATM stage's layers with MODEL.SHRUNK.ATM_LAYERS and the QU "
+                                           "stages' with MODEL.SHRUNK.QU_LAYERS_PER_STAGE"),
+            "MODEL.ATM.CUMULATIVE_MASKS": (atm.CUMULATIVE_MASKS, DEFAULT_CUMULATIVE_MASKS,
+                                           "the Shrunk head has one ATM stage, so there are no earlier stages' "
+                                           "masks to add; each of its layers predicts (and is supervised on) its "
+                                           "own masks"),
+        }
+        for key, (value, default, why) in unused.items():
+            if value != default:
+                raise ValueError(
+                    f"{key} = {value!r} does nothing with MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "
+                    f"ATMShrunkDecoder: {why}. Remove {key} from the config."
+                )
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
@@ -235,7 +269,34 @@ class ATMShrunkDecoder(_ClassTokenHead):
             "qu_layers_per_stage": shrunk.QU_LAYERS_PER_STAGE,
             "atm_layers": shrunk.ATM_LAYERS,
             "grid_hw": tuple(s // shrunk.QU_QUERY_STRIDE for s in crop.SIZE),
+            "use_input_proj": atm.USE_INPUT_PROJ,
+            "input_size": tuple(crop.SIZE),
+            # QU's first input is a ViT block before QD: its stride is the patch size.
+            "input_stride": cfg.MODEL.VIT.PATCH_SIZE,
         }
+
+    def check_input_size(self, first_feature: Tensor) -> None:
+        """Raise if the input (seen through its first feature, B x C x h x w) is not the size the grid was built
+        for: the grid's masks would be stretched over another image size, a silently wrong segmentation."""
+        if self.input_size is None or self.input_stride is None:
+            return
+        expected = tuple(math.ceil(s / self.input_stride) for s in self.input_size)
+        got = tuple(int(s) for s in first_feature.shape[-2:])
+        if got != expected:
+            height, width = self.input_size
+            got_size = tuple(s * self.input_stride for s in got)
+            windows = (
+                f"test on windows of the training crop (TEST.SLIDING_WINDOW True, TEST.SLIDE_CROP {height}) or "
+                if height == width
+                else ""
+            )
+            raise ValueError(
+                f"ATMShrunkDecoder's QU query grid {self.grid_hw[0]}x{self.grid_hw[1]} was built for {height}x{width} "
+                f"inputs (INPUT.CROP.SIZE), but got a {got_size[0]}x{got_size[1]} (padded) input (first feature "
+                f"{got[0]}x{got[1]}, expected {expected[0]}x{expected[1]}); its masks would be stretched over the "
+                f"wrong image. Either {windows}give inputs of INPUT.CROP.SIZE (INPUT.MIN_SIZE_TEST / "
+                "INPUT.MAX_SIZE_TEST)."
+            )
 
     def forward(
         self,
@@ -245,6 +306,7 @@ class ATMShrunkDecoder(_ClassTokenHead):
         targets: Optional[List[Dict]] = None,
     ) -> Dict:
         """features: the maps QU decodes, in order (B x C x h_i x w_i). Other arguments are unused."""
+        self.check_input_size(features[0])
         fused = self.upsampler(features)  # B x D x gh x gw
         memory = fused.flatten(2).permute(2, 0, 1)
         tokens = repeat_tokens(self.class_tokens, fused.shape[0])

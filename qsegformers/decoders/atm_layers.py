@@ -25,6 +25,7 @@ __all__ = [
     "ATMDecoderLayer",
     "ATMStage",
     "TokenProjection",
+    "FlattenTokens",
     "TransformerDecoderLayer",
     "QueryUpsampler",
     "resize_like",
@@ -136,6 +137,13 @@ class TokenProjection(nn.Module):
         return self.norm(self.proj(x.flatten(2).permute(2, 0, 1)))
 
 
+class FlattenTokens(nn.Module):
+    """A B x C x h x w map as (h*w) x B x C tokens, unprojected (``MODEL.ATM.USE_INPUT_PROJ`` False)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(2).permute(2, 0, 1)
+
+
 class TransformerDecoderLayer(nn.Module):
     """Standard post-norm decoder layer (self-attention, cross-attention, FFN) without positional embeddings."""
 
@@ -168,11 +176,15 @@ class QueryUpsampler(nn.Module):
         dropout: float,
         layers_per_stage: int,
         grid_hw: Tuple[int, int],
+        use_input_proj: bool = True,
     ):
+        """``use_input_proj`` False: the features' own tokens are the memory (their width must be ``dim``)."""
         super().__init__()
         self.grid_hw = tuple(grid_hw)
         self.queries = nn.Embedding(self.grid_hw[0] * self.grid_hw[1], dim)
-        self.input_proj = nn.ModuleList(TokenProjection(c, dim) for c in in_channels)
+        self.input_proj = nn.ModuleList(
+            TokenProjection(c, dim) if use_input_proj else FlattenTokens() for c in in_channels
+        )
         self.stages = nn.ModuleList(
             nn.ModuleList(TransformerDecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(layers_per_stage))
             for _ in in_channels

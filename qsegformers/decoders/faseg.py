@@ -90,6 +90,9 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
     Outputs follow the Mask2Former contract (``pred_logits``, ``pred_masks``, ``aux_outputs``).
     """
 
+    # First-layer DFPQ pooling region when MODEL.DFPQ.FIRST_LAYER_POOL is "": the paper's foreground (spec 2.5.2).
+    default_first_layer_pool = "foreground"
+
     @configurable
     def __init__(
         self,
@@ -132,7 +135,9 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             shared_across_queries: one token set per image (sum over queries) or one per query.
             mapping, selection: ``MAPPINGS`` and ``SELECTIONS`` of ``hrca.py``.
             hrca_query_pos: positional query of the HRCA cross-attention: "static" (B) or "dfpq" (P_i).
-            extra_final_low_res_layer: with HRCA, the layer count must be rounds * 4 + 1 (True) or rounds * 4.
+            extra_final_low_res_layer: with HRCA, the decoder ends with one 1/32 layer after its last round
+                (official): the layer count must be rounds * 4 + 1 (True) or rounds * 4 (False). Must be True
+                without HRCA, where it means nothing.
         """
         super().__init__(in_channels, mask_classification, **kwargs)
         hidden_dim = self.query_feat.weight.shape[1]
@@ -151,13 +156,21 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         self.mapping = mapping
         self.selection = selection
         self.hrca_query_pos = hrca_query_pos
+        if not hrca_enabled and not extra_final_low_res_layer:
+            raise ValueError(
+                "MODEL.HRCA.EXTRA_FINAL_LOW_RES_LAYER = False does nothing with MODEL.HRCA.ENABLED = False: it only "
+                "says whether the rounds of 4 layers (1/32, 1/16, 1/8, HRCA) end with one more 1/32 layer; without "
+                "HRCA the DEC_LAYERS - 1 layers cycle through 1/32, 1/16, 1/8. Remove the key."
+            )
         if hrca_enabled:
             remainder = 1 if extra_final_low_res_layer else 0
             if self.num_layers % (NUM_FEATURE_LEVELS + 1) != remainder:
+                rounds = self.num_layers // (NUM_FEATURE_LEVELS + 1)
                 raise ValueError(
                     f"MODEL.MASK_FORMER.DEC_LAYERS = {self.num_layers + 1} does not give rounds of 4 layers "
-                    f"{'plus one final 1/32 layer' if remainder else ''} (MODEL.HRCA.EXTRA_FINAL_LOW_RES_LAYER = "
-                    f"{extra_final_low_res_layer}); FASeg uses 14."
+                    f"{'plus one final 1/32 layer' if remainder else 'only'} (MODEL.HRCA.EXTRA_FINAL_LOW_RES_LAYER = "
+                    f"{extra_final_low_res_layer}): set DEC_LAYERS = 4 * rounds + {remainder + 1} (e.g. "
+                    f"{4 * max(rounds, 1) + remainder + 1}; FASeg uses 14 with True, 13 with False)."
                 )
             # Replacing the registered modules keeps their place in the state dict (official order).
             self.num_feature_levels = NUM_FEATURE_LEVELS + 1
@@ -204,7 +217,7 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             mlp_layers=dfpq.MLP_LAYERS,
             share_mlp=dfpq.SHARE_MLP,
             use_bias=dfpq.USE_BIAS,
-            first_layer_pool=dfpq.FIRST_LAYER_POOL,
+            first_layer_pool=dfpq.FIRST_LAYER_POOL or cls.default_first_layer_pool,
             first_layer_pool_threshold=dfpq.FIRST_LAYER_POOL_THRESHOLD,
             detach_attn=dfpq.DETACH_ATTN,
             attn_mask_threshold=dfpq.ATTN_MASK_THRESHOLD,
@@ -356,4 +369,11 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
 
 @TRANSFORMER_DECODER_REGISTRY.register()
 class MultiScaleMaskedTransformerDecoderFASeg(FASegTransformerDecoder):
-    """The official FASeg registry name of ``FASegTransformerDecoder`` (so its configs build)."""
+    """The official FASeg registry name of ``FASegTransformerDecoder`` (so its configs build).
+
+    Official configs and checkpoints must give the official model, whose first-layer DFPQ pools the key
+    encodings over the predicted *background* (sigmoid < 0.5); MODEL.DFPQ.FIRST_LAYER_POOL = "" therefore
+    means "background" under this name (an explicit value still wins).
+    """
+
+    default_first_layer_pool = "background"

@@ -26,7 +26,9 @@ def add_faseg_config(cfg):
     dfpq.MLP_LAYERS = 2  # depth of the MLP h (Linear-ReLU-Linear)
     dfpq.SHARE_MLP = True  # one h for all layers (official); False: one h per decoder layer
     dfpq.USE_BIAS = True  # add the learnable positional query B before h
-    dfpq.FIRST_LAYER_POOL = "foreground"  # foreground (paper) | background (official code) | none (h(B))
+    # foreground (paper) | background (official code) | none (h(B)) | "": the decoder name's own default,
+    # foreground for FASegTransformerDecoder, background for the official MultiScaleMaskedTransformerDecoderFASeg
+    dfpq.FIRST_LAYER_POOL = ""
     dfpq.FIRST_LAYER_POOL_THRESHOLD = 0.5  # mask probability splitting foreground from background
     dfpq.DETACH_ATTN = False  # stop the gradient through the attention map A (official: keep it)
     dfpq.ATTN_MASK_THRESHOLD = 0.15  # masked attention attends where mask prob >= this (Mask2Former: 0.5)
@@ -41,4 +43,4 @@ def add_faseg_config(cfg):
     hrca.SELECTION = "topk"  # topk | random (same count, uniform) | all (vanilla dense attention)
     hrca.LEVELS = ["1/4"]  # levels with HRCA; only ["1/4"] is implemented (Table 8 variants are not)
     hrca.QUERY_POS = "static"  # positional query of the HRCA cross-attention: static (B) | dfpq
-    hrca.EXTRA_FINAL_LOW_RES_LAYER = True  # DEC_LAYERS - 1 must be rounds * 4 + 1 (True) or rounds * 4
+    hrca.EXTRA_FINAL_LOW_RES_LAYER = True  # HRCA: DEC_LAYERS - 1 = rounds * 4 + 1 (True) or rounds * 4 (False)

@@ -42,7 +42,8 @@ def add_mp_config(cfg):
     mp.POINT_NOISE_MODE = "uniform_count"  # uniform_count (paper) | bernoulli (official code)
     mp.SHIFT_NOISE_SCALE = 0.2  # shift of up to this * half the GT box size
     mp.SCALE_NOISE_SCALE = 0.2  # scale factor drawn from U(1 - s, 1 + s) about the box centre
-    mp.NOISE_PER_LAYER = True  # fresh point noise for every layer (False: one draw per level and step)
+    # fresh point noise for every layer (False: one draw per level and step; point noise only, see mp_former.py)
+    mp.NOISE_PER_LAYER = True
     mp.PER_HEAD_NOISE = False  # independent point noise for every attention head
     mp.GT_DOWNSAMPLE = "area_any"  # GT -> level size: area_any (any overlap) | nearest | bilinear_0.5
     mp.LABEL_GUIDED = True  # MP content queries = class embeddings (False: zeros)

@@ -32,6 +32,9 @@ __all__ = [
     "mp_self_attention_mask",
 ]
 
+# The only mask noise drawn per layer: shift/scale noise is drawn once per step and shared by every layer.
+PER_LAYER_NOISE = "point"
+
 
 def mp_self_attention_mask(num_groups: int, max_targets: int, num_queries: int, device=None) -> Tensor:
     """(P+N) x (P+N) bool self-attention mask, True = blocked, P = num_groups * max_targets.
@@ -113,7 +116,8 @@ class MPMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             mask_noise: "none", "point", "shift", "scale" or "shift_scale".
             point_noise_ratio, point_noise_mode: see :func:`~qsegformers.decoders.mp_noise.point_noise`.
             shift_noise_scale, scale_noise_scale: see :func:`~qsegformers.decoders.mp_noise.geometric_noise`.
-            noise_per_layer: fresh point noise at every layer (False: one draw per level per step).
+            noise_per_layer: fresh point noise at every layer (False: one draw per level per step). Only
+                point noise has per-layer draws, so False with any other ``mask_noise`` is rejected.
             per_head_noise: independent point noise for every attention head.
             gt_downsample: see :func:`~qsegformers.decoders.mp_noise.downsample_gt`.
             label_guided: content of an MP slot = ``label_enc`` of its (noised) class (False: zeros).
@@ -121,6 +125,13 @@ class MPMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             mp_query_pos: positional query of MP slots, "zeros" or "learned" (one shared embedding).
             drop_query_pos: no ``query_embed`` at all (the official fork's decoder).
         """
+        if not noise_per_layer and mask_noise != PER_LAYER_NOISE:
+            raise ValueError(
+                f"MODEL.MP.NOISE_PER_LAYER = False has no effect with MODEL.MP.MASK_NOISE = {mask_noise!r}: only "
+                f"{PER_LAYER_NOISE!r} noise is drawn per layer (shift/scale noise is drawn once per step on the "
+                "finest level and shared by every layer, as in the official code; 'none' draws nothing). Remove "
+                "MODEL.MP.NOISE_PER_LAYER or use MODEL.MP.MASK_NOISE = 'point'."
+            )
         super().__init__(in_channels, mask_classification, **kwargs)
         hidden_dim = kwargs["hidden_dim"]
         if drop_query_pos:

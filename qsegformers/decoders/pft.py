@@ -80,11 +80,12 @@ class PyramidFusionTransformerDecoder(nn.Module):
         cls_head: str = "shared_linear",
         output_norm: bool = True,
         supervise_input_queries: bool = True,
+        enforce_input_project: bool = False,
     ):
         """
         Args:
             in_channels: channels of the multi-scale pixel-decoder features (projected by a 1x1 conv
-                only when different from hidden_dim).
+                when different from hidden_dim, or always with ``enforce_input_project``).
             mask_classification: must be True.
             num_classes: K; also the number of queries per scale.
             hidden_dim: query width C.
@@ -98,6 +99,8 @@ class PyramidFusionTransformerDecoder(nn.Module):
             cls_head: "shared_linear" (Linear(C, 1) on every query) or "per_class" weights.
             output_norm: LayerNorm on the queries before the heads.
             supervise_input_queries: predict from the input queries too (the first ``aux_outputs`` entry).
+            enforce_input_project: a 1x1 conv per scale even when in_channels == hidden_dim
+                (MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ, as in Mask2Former).
         """
         super().__init__()
         if not mask_classification:
@@ -116,7 +119,7 @@ class PyramidFusionTransformerDecoder(nn.Module):
         self.query_embed = nn.ModuleList(nn.Embedding(num_classes, hidden_dim) for _ in range(num_scales))
         self.input_proj = nn.ModuleList()
         for _ in range(num_scales):
-            if in_channels != hidden_dim:
+            if in_channels != hidden_dim or enforce_input_project:
                 proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
                 nn.init.kaiming_uniform_(proj.weight, a=1)
                 nn.init.zeros_(proj.bias)
@@ -169,6 +172,7 @@ class PyramidFusionTransformerDecoder(nn.Module):
             "cls_head": pft.CLS_HEAD,
             "output_norm": pft.OUTPUT_NORM,
             "supervise_input_queries": pft.SUPERVISE_INPUT_QUERIES,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
         }
 
     def prepare_memory(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tuple[int, int]]]:

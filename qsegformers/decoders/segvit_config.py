@@ -13,7 +13,11 @@ clipping at 35) uses the shared solver keys: ``SOLVER.BASE_LR = 2e-4`` with ``SO
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_segvit_config"]
+__all__ = ["add_segvit_config", "DEFAULT_LAYERS_PER_STAGE", "DEFAULT_CUMULATIVE_MASKS"]
+
+# Defaults of the cascade-only keys, which ATMShrunkDecoder accepts only unchanged.
+DEFAULT_LAYERS_PER_STAGE = 3
+DEFAULT_CUMULATIVE_MASKS = True
 
 
 def add_segvit_config(cfg):
@@ -25,11 +29,11 @@ def add_segvit_config(cfg):
     # ---- decoder (one learnable token per class; queries = MODEL.SEM_SEG_HEAD.NUM_CLASSES) ----
     atm.EMBED_DIM = 384  # decoder width D (ViT width / 2; ViT-L: 512)
     atm.NUM_HEADS = 12  # attention heads of the ATM layers (ViT-L: 16)
-    atm.LAYERS_PER_STAGE = 3  # decoder layers per ATM stage; the last one gives the stage's mask
+    atm.LAYERS_PER_STAGE = DEFAULT_LAYERS_PER_STAGE  # layers per ATM stage (cascade; Shrunk: SHRUNK.ATM_LAYERS)
     atm.FFN_RATIO = 4  # FFN hidden width / EMBED_DIM
     atm.DROPOUT = 0.1  # dropout of the attention weights and of every residual branch
-    atm.USE_INPUT_PROJ = True  # Linear + LayerNorm of each stage's backbone tokens (off: widths must match)
-    atm.CUMULATIVE_MASKS = True  # stage s predicts the sum of the mask logits of stages 1..s
+    atm.USE_INPUT_PROJ = True  # Linear + LayerNorm of each stage's (Shrunk: QU stage's) backbone tokens
+    atm.CUMULATIVE_MASKS = DEFAULT_CUMULATIVE_MASKS  # stage s predicts the sum of stages 1..s (cascade only)
     # ---- losses (fixed matching: query k <-> class k) ----
     atm.LOSS_TYPE = "mask"  # "mask": cls CE + focal + dice; "ce": per-pixel CE on the semantic scores (ablation)
     atm.CLASS_WEIGHT = 1.0  # weight of the (K+1)-way class cross-entropy
