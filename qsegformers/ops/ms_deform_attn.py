@@ -139,7 +139,8 @@ def ms_deform_attn_pytorch(
 
     Args:
         value: N x S x M x D values, levels concatenated along S in the order of ``spatial_shapes``.
-        spatial_shapes: L x 2 int64, (H_l, W_l) of each level.
+        spatial_shapes: L x 2 int64, (H_l, W_l) of each level. A level may be empty (H_l * W_l = 0):
+            its samples are zeros, as in the compiled kernel.
         level_start_index: L int64, offset of each level in S. Unused here (levels are split by
             ``spatial_shapes``); kept so every implementation has one signature.
         sampling_locations: N x Lq x M x L x P x 2, (x, y) normalised to [0, 1] over each level's
@@ -150,14 +151,24 @@ def ms_deform_attn_pytorch(
         N x Lq x (M*D): per head, the weighted sum of the sampled values; heads concatenated.
     """
     del level_start_index
-    n, _, m, d = value.shape
+    n, s, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    sizes = [h * w for h, w in shapes]
+    if s != sum(sizes):
+        terms = " + ".join(f"{h}*{w}" for h, w in shapes) or "0"
+        raise ValueError(
+            f"ms_deform_attn: value has {s} positions but spatial_shapes sums to {sum(sizes)} (= {terms})"
+        )
+    value_per_level = value.split(sizes, dim=1)
     # grid_sample expects coordinates in [-1, 1].
     sampling_grids = 2 * sampling_locations - 1
     sampled = []
     for level, (h, w) in enumerate(shapes):
+        if h * w == 0:
+            # grid_sample rejects an empty map; every sample of it is zero (padding).
+            sampled.append(value.new_zeros(n * m, d, lq, num_points))
+            continue
         # N x HW x M x D -> (N*M) x D x H x W
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         # N x Lq x M x P x 2 -> (N*M) x Lq x P x 2
@@ -189,13 +200,23 @@ def ms_deform_attn(
 
     Returns:
         N x Lq x (M*D).
+
+    Raises:
+        ValueError: inconsistent shapes, e.g. S differs from the sum of H_l * W_l, or (compiled kernel)
+            ``level_start_index`` is not the exclusive cumulative sum of H_l * W_l.
+        TypeError: (compiled kernel) wrong dtypes, e.g. ``spatial_shapes`` not int64.
     """
     check_impl(impl)
     if impl != "pytorch":
         device = value.device
         if compiled_kernel_available(device):
             kernel = _compiled_kernel()
-            return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            try:
+                return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            except (ValueError, TypeError) as err:
+                # The kernel's argument checks: re-raised here so the traceback ends at the caller's
+                # call instead of in torch's dispatcher frames; the message is the kernel's, unchanged.
+                raise err.with_traceback(None) from None
         if _compiled_kernel() is None:
             reason = "the compiled extension qsegformers._C is not built."
         else:

@@ -64,6 +64,21 @@ def test_pytorch_path_matches_naive_loop():
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_pytorch_path_empty_levels_sample_zeros():
+    # Levels with H*W == 0 (F.grid_sample rejects an empty map): their samples are zeros.
+    inputs = _random_inputs([(4, 5), (0, 3), (2, 0), (0, 0), (1, 2)])
+    out = ms_deform_attn_pytorch(*inputs)
+    torch.testing.assert_close(out, _naive_ms_deform_attn(*inputs), rtol=1e-10, atol=1e-10)
+    # Same as dropping the empty levels.
+    value, _, _, locations, weights = inputs
+    kept = [0, 4]
+    shapes = torch.tensor([(4, 5), (1, 2)])
+    without_empty = ms_deform_attn_pytorch(
+        value, shapes, _level_start_index(shapes), locations[:, :, :, kept], weights[:, :, :, kept]
+    )
+    torch.testing.assert_close(out, without_empty, rtol=1e-12, atol=1e-12)
+
+
 def test_points_far_outside_sample_zero():
     value, shapes, start, locations, weights = _random_inputs([(3, 3)], low=1.5, high=2.0)
     out = ms_deform_attn_pytorch(value, shapes, start, locations, weights)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../ms_deform_attn.h"
 
@@ -212,8 +213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
   const at::Tensor level_start_index = level_start_index_in.contiguous();
   const Dims k = dims_of(value, loc);
-  TORCH_CHECK(grad_output.numel() == k.n * k.lq * k.m * k.d,
-              "ms_deform_attn_backward: grad_output must be N x Lq x (M*D), got ", grad_output_in.sizes());
+  const std::vector<int64_t> output_sizes{k.n, k.lq, k.m * k.d};
+  TORCH_CHECK_VALUE(grad_output.sizes() == c10::IntArrayRef(output_sizes),
+                    "ms_deform_attn_backward: grad_output must be N x Lq x (M*D) = ", c10::IntArrayRef(output_sizes),
+                    ", got ", grad_output_in.sizes());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options());
   // The kernel writes every element of these two (zero for points outside the map).
   at::Tensor grad_loc = at::empty(loc.sizes(), loc.options());

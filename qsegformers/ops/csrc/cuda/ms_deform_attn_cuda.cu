@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../ms_deform_attn.h"
 
@@ -129,10 +130,27 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
   }
 }
 
+// True while the current stream of `t`'s GPU is being captured into a CUDA graph.
+bool stream_is_capturing(const at::Tensor& t) {
+  if (!t.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The shared checks. Checking the level sizes copies spatial_shapes and level_start_index (L x 2 and L int64)
+// to the host, a small sync; a stream under CUDA graph capture cannot sync, so there only shapes, dtypes and
+// devices are checked (the official implementation checks nothing in the kernel).
+void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                  const at::Tensor& loc, const at::Tensor& attn) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, loc, attn,
+                              /*check_levels=*/!stream_is_capturing(spatial_shapes));
+}
+
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
                                        const at::Tensor& level_start_index_in, const at::Tensor& loc_in,
                                        const at::Tensor& attn_in) {
-  check_ms_deform_attn_inputs(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor value = value_in.contiguous(), loc = loc_in.contiguous(), attn = attn_in.contiguous();
   const at::Tensor shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
@@ -155,15 +173,17 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
     const at::Tensor& level_start_index_in, const at::Tensor& loc_in, const at::Tensor& attn_in) {
-  check_ms_deform_attn_inputs(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor grad_output = grad_output_in.to(value_in.scalar_type()).contiguous();
   const at::Tensor value = value_in.contiguous(), loc = loc_in.contiguous(), attn = attn_in.contiguous();
   const at::Tensor shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = loc.size(1), num_levels = loc.size(3), num_points = loc.size(4);
-  TORCH_CHECK(grad_output.numel() == n * lq * m * d,
-              "ms_deform_attn_backward: grad_output must be N x Lq x (M*D), got ", grad_output_in.sizes());
+  const std::vector<int64_t> output_sizes{n, lq, m * d};
+  TORCH_CHECK_VALUE(grad_output.sizes() == c10::IntArrayRef(output_sizes),
+                    "ms_deform_attn_backward: grad_output must be N x Lq x (M*D) = ", c10::IntArrayRef(output_sizes),
+                    ", got ", grad_output_in.sizes());
   const auto opmath = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(opmath));
   at::Tensor grad_loc = at::zeros(loc.sizes(), loc.options().dtype(opmath));
