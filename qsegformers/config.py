@@ -11,6 +11,7 @@ from .decoders.mp_config import add_mp_config
 from .decoders.pft_config import add_pft_config
 from .decoders.faseg_config import add_faseg_config
 from .decoders.segvit_config import add_segvit_config
+from .data.datasets.custom_config import add_custom_dataset_config
 from .pixel_decoders.msdeform import OFFICIAL_UNREAD_ENCODER_KEYS as UNREAD_ENCODER_KEYS
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
@@ -189,3 +190,4 @@ def add_qsegformers_config(cfg):
     # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
     cfg.GLOBAL = CN()
     cfg.GLOBAL.HACK = 1.0  # official placeholder; only 1.0 is accepted (check_unsupported_keys)
+    add_custom_dataset_config(cfg)  # DATASETS.CUSTOM.*: a dataset on disk registered from the config

@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_qsegformers_config
+from ..data.datasets.custom import register_custom_datasets
 from .launch import use_cpu_sync_bn
 from .validation import validate_config
 
@@ -43,8 +44,11 @@ def get_qsegformers_cfg() -> CfgNode:
 
 
 def adapt_cfg_to_machine(cfg: CfgNode) -> List[str]:
-    """Make an unfrozen ``cfg`` runnable here, in place; return one message per change made."""
-    notes = []
+    """Make an unfrozen ``cfg`` runnable here, in place; return one message per change made.
+
+    Also registers the datasets of ``DATASETS.CUSTOM`` (and resolves ``NUM_CLASSES`` -1 from them).
+    """
+    notes = register_custom_datasets(cfg)
     cuda = torch.cuda.is_available()
     if not cuda and not cfg.MODEL.DEVICE.startswith(CPU):
         notes.append(f"CUDA is not available: {DEVICE_KEY} {cfg.MODEL.DEVICE!r} -> {CPU!r}.")

@@ -7,7 +7,11 @@ Checked before anything is built (``setup()``, ``Trainer`` and ``train_net.py --
 * the compatibility keys of official configs (:func:`qsegformers.config.check_unsupported_keys`);
 * ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` against the class list of every train/test dataset:
   ``thing_classes`` for instance data (evaluator "coco"/"cityscapes_instance" or the instance mapper),
-  else ``stuff_classes`` (semantic, and panoptic, whose ``stuff_classes`` list every class);
+  else ``stuff_classes`` (semantic, and panoptic, whose ``stuff_classes`` list every class); -1 (take
+  it from the dataset) must have been resolved by ``setup()`` (:mod:`qsegformers.data.datasets.custom`);
+* panoptic test sets evaluated for PQ have a thing and a stuff class (panopticapi's PQ_th / PQ_st would
+  divide by zero: rejected here rather than crashing after training), and a ``DATASETS.CUSTOM``
+  panoptic test set evaluated for mIoU has its ``SEM_SEG_ROOT``;
 * decoder / pixel decoder: a decoder that reads ``L`` multi-scale levels (its module's
   ``NUM_FEATURE_LEVELS``) needs at least ``L`` features in ``MODEL.SEM_SEG_HEAD.IN_FEATURES``;
 * decoder / matcher: ``FixedMatcher`` assigns query k to class k, so a decoder built for another
@@ -16,12 +20,14 @@ Checked before anything is built (``setup()``, ``Trainer`` and ``train_net.py --
 """
 import logging
 import sys
-from typing import List
+from typing import List, Optional, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
 from ..config import check_unsupported_keys
+from ..data.datasets.custom import CONFIG_KEY_FIELD as CUSTOM_CONFIG_KEY_FIELD
+from ..data.datasets.custom_config import NUM_CLASSES_FROM_DATASET
 from ..registries import (
     CRITERION_REGISTRY,
     DATASET_MAPPER_REGISTRY,
@@ -29,8 +35,9 @@ from ..registries import (
     PIXEL_DECODER_REGISTRY,
     TRANSFORMER_DECODER_REGISTRY,
 )
+from .evaluators import PANOPTIC_TYPES as PANOPTIC_EVALUATORS
 
-__all__ = ["ConfigValidationError", "config_problems", "validate_config"]
+__all__ = ["ConfigValidationError", "config_problems", "dataset_classes", "validate_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +85,66 @@ def _name_problems(cfg) -> List[str]:
     return problems
 
 
+def dataset_classes(cfg, dataset_name: str) -> Tuple[str, Optional[list]]:
+    """``(metadata field, class list)`` that ``NUM_CLASSES`` must match for ``dataset_name``; the list is
+    None when the metadata has none. Instance data (evaluator "coco"/"cityscapes_instance", or trained
+    with an instance mapper) uses ``thing_classes``, any other ``stuff_classes`` (else ``thing_classes``)."""
+    meta = MetadataCatalog.get(dataset_name)
+    instance_only = (meta.get("evaluator_type") in INSTANCE_EVALUATORS
+                     or (dataset_name in cfg.DATASETS.TRAIN and cfg.INPUT.DATASET_MAPPER_NAME in INSTANCE_MAPPERS))
+    field = "thing_classes" if instance_only else "stuff_classes"
+    classes = meta.get(field)
+    if classes is None and not instance_only:
+        field, classes = "thing_classes", meta.get("thing_classes")
+    return field, classes
+
+
 def _num_classes_problems(cfg) -> List[str]:
-    problems = []
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    for dataset_name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        meta = MetadataCatalog.get(dataset_name)
-        instance_only = (meta.get("evaluator_type") in INSTANCE_EVALUATORS
-                         or (dataset_name in cfg.DATASETS.TRAIN and cfg.INPUT.DATASET_MAPPER_NAME in INSTANCE_MAPPERS))
-        field = "thing_classes" if instance_only else "stuff_classes"
-        classes = meta.get(field)
-        if classes is None and not instance_only:
-            field, classes = "thing_classes", meta.get("thing_classes")
+    datasets = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if num_classes == NUM_CLASSES_FROM_DATASET:
+        counts = {name: len(classes) for name, (_, classes) in ((n, dataset_classes(cfg, n)) for n in datasets)
+                  if classes is not None}
+        found = (f"set it to the class count ({', '.join(f'{n!r}: {c}' for n, c in counts.items())})" if counts
+                 else "no dataset of DATASETS.TRAIN / DATASETS.TEST lists its classes in its metadata; set it")
+        return [f"MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes} (take it from the dataset) was not resolved: "
+                f"only qsegformers.engine.setup() and the tools resolve it; {found}"]
+    problems = []
+    for dataset_name in datasets:
+        field, classes = dataset_classes(cfg, dataset_name)
         if classes is not None and len(classes) != num_classes:
             problems.append(
                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes}, but dataset {dataset_name!r} has "
-                f"{len(classes)} classes in its metadata ({field}); set NUM_CLASSES {len(classes)}"
+                f"{len(classes)} classes in its metadata ({field}); set NUM_CLASSES {len(classes)} "
+                f"(or {NUM_CLASSES_FROM_DATASET} to take it from the dataset)"
             )
+    return problems
+
+
+def _panoptic_problems(cfg) -> List[str]:
+    """Test sets evaluated for PQ need a thing and a stuff class (panopticapi divides PQ_th and PQ_st by
+    their class counts); a custom panoptic set evaluated for mIoU needs its semantic labels."""
+    test = cfg.MODEL.MASK_FORMER.TEST
+    problems = []
+    for dataset_name in cfg.DATASETS.TEST:
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("evaluator_type") not in PANOPTIC_EVALUATORS:
+            continue
+        things = set(meta.get("thing_dataset_id_to_contiguous_id", {}))
+        stuff = set(meta.get("stuff_dataset_id_to_contiguous_id", {})) - things
+        source = meta.get("panoptic_json", "its metadata")
+        for kind, ids in (("stuff", stuff), ("thing", things)):
+            if test.PANOPTIC_ON and not ids and meta.get("stuff_dataset_id_to_contiguous_id") is not None:
+                problems.append(
+                    f"dataset {dataset_name!r} has no {kind} class ({source}), so its PQ_{kind[:2]} cannot be "
+                    f"computed (panopticapi divides by the number of {kind} classes): add a {kind} category, "
+                    f"or set MODEL.MASK_FORMER.TEST.PANOPTIC_ON False and evaluate it with SEMANTIC_ON / "
+                    f"INSTANCE_ON (a things-only set is best trained as FORMAT coco_instance)")
+        key = meta.get(CUSTOM_CONFIG_KEY_FIELD)
+        if key and test.SEMANTIC_ON and not meta.get("sem_seg_root"):
+            problems.append(
+                f"MODEL.MASK_FORMER.TEST.SEMANTIC_ON is True, but dataset {dataset_name!r} has no semantic "
+                f"labels ({key}.SEM_SEG_ROOT is empty): set {key}.SEM_SEG_ROOT or SEMANTIC_ON False")
     return problems
 
 
@@ -132,6 +183,7 @@ def config_problems(cfg) -> List[str]:
     except ValueError as err:
         problems.append(str(err))
     problems += _num_classes_problems(cfg)
+    problems += _panoptic_problems(cfg)
     problems += _decoder_problems(cfg)
     return problems
 
