@@ -5,7 +5,7 @@ files (which also use keys of detectron2's DeepLab project) merge unchanged.
 """
 from detectron2.config import CfgNode as CN
 
-from .backbones.swin_config import add_swin_config
+from .backbones.swin_config import COMPAT_UNSET, add_swin_config
 from .backbones.vit_config import add_vit_config
 from .decoders.mp_config import add_mp_config
 from .decoders.pft_config import add_pft_config
@@ -16,35 +16,51 @@ from .pixel_decoders.msdeform import OFFICIAL_UNREAD_ENCODER_KEYS as UNREAD_ENCO
 
 __all__ = ["add_qsegformers_config", "add_deeplab_compat_config", "check_unsupported_keys"]
 
-# Keys declared only so that official files merge, with the one value qsegformers supports: the
-# DeepLab heads are not built, nor MaskFormer (v1)'s transformer encoder.
-_FIXED_VALUES = {
-    "MODEL.SEM_SEG_HEAD.LOSS_TYPE": "hard_pixel_mining",
-    "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES": ["res2"],
-    "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS": [48],
-    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 256,
-    "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS": [6, 12, 18],
-    "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.1,
-    "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV": False,
-    "MODEL.MASK_FORMER.ENC_LAYERS": 0,
-    "GLOBAL.HACK": 1.0,
-    # Official MP-Former fork keys with no qsegformers meaning (declared in decoders/mp_config.py).
-    "MODEL.MASK_FORMER.DN_MODE": "base",
-    "MODEL.MASK_FORMER.DN_RATIO": 0.5,
-    "MODEL.MASK_FORMER.LAST_Q_RATIO": 0.0,
-    "SOLVER.DROP_EP": 0,
-    "SOLVER.INSTANT_DROP": False,
+# DeepLab head keys (official Mask2Former configs inherit them from add_deeplab_config), declared only so that
+# official files merge: qsegformers builds no DeepLab head, so only these values are accepted.
+_DEEPLAB_HEAD_VALUES = {
+    "MODEL.SEM_SEG_HEAD.LOSS_TYPE": "hard_pixel_mining",  # loss of DeepLab's semantic head
+    "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES": ["res2"],  # features DeepLab v3+ projects into its decoder
+    "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS": [48],  # channels of those projections
+    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 256,  # ASPP width
+    "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS": [6, 12, 18],  # ASPP dilation rates
+    "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.1,  # ASPP dropout
+    "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV": False,  # depthwise-separable ASPP convolutions
 }
+# Official keys of other projects with no qsegformers meaning, declared (by add_qsegformers_config, in their
+# own sections) only so that official files merge; only these values are accepted.
+_OFFICIAL_ONLY_VALUES = {
+    "MODEL.MASK_FORMER.ENC_LAYERS": 0,  # MaskFormer (v1)'s transformer encoder layers
+    "GLOBAL.HACK": 1.0,  # Mask2Former's placeholder used by its LSJ hack
+    # Official MP-Former fork keys without a qsegformers implementation.
+    "MODEL.MASK_FORMER.DN_MODE": "base",  # fork's denoising mode
+    "MODEL.MASK_FORMER.DN_RATIO": 0.5,  # fork's denoising ratio
+    "MODEL.MASK_FORMER.LAST_Q_RATIO": 0.0,  # fork's ratio of last-layer queries
+    "SOLVER.DROP_EP": 0,  # fork's epoch at which MP training is dropped
+    "SOLVER.INSTANT_DROP": False,  # fork's immediate drop of MP training
+}
+# Keys accepted only at one value (check_unsupported_keys), each declared once from these dicts.
+_FIXED_VALUES = {**_DEEPLAB_HEAD_VALUES, **_OFFICIAL_ONLY_VALUES}
 # DeepLab ResNet keys: honoured by build_resnet_deeplab_backbone (backbones/resnet_deeplab.py), silently
 # ignored by detectron2's ResNet builders, which therefore accept only these defaults.
 _DEEPLAB_RESNET_DEFAULTS = {
-    "MODEL.RESNETS.RES4_DILATION": 1,
-    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],
-    "MODEL.RESNETS.STEM_TYPE": "basic",
+    "MODEL.RESNETS.RES4_DILATION": 1,  # dilation of res4 (res5 is set by detectron2's RES5_DILATION)
+    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],  # per-block dilation multipliers of res5
+    "MODEL.RESNETS.STEM_TYPE": "basic",  # "basic" (7x7) or "deeplab" (three 3x3) stem
 }
 _BACKBONES_IGNORING_DEEPLAB_KEYS = ("build_resnet_backbone",)
 # MODEL.* namespaces that only add_qsegformers_config declares together: all present = already added.
 _QSEG_NAMESPACES = ("MASK_FORMER", "MP", "DN", "PFT", "DFPQ", "HRCA", "ATM", "SHRUNK")
+
+
+def _declare(cfg, values):
+    """Set every dotted key of ``values`` on ``cfg`` (its parent nodes must exist)."""
+    for key, value in values.items():
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[name] = list(value) if isinstance(value, list) else value
 
 
 def _value(cfg, key):
@@ -90,27 +106,15 @@ def add_deeplab_compat_config(cfg):
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0  # LR factor below which the schedule stays constant
     # Semantic crop that caps the area a single category may cover (Mask2Former semantic mapper).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
-    # Loss type of DeepLab's semantic head; read only by DeepLab heads, kept so official files merge.
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
-    # DeepLab's ASPP head keys (official Mask2Former configs inherit them from add_deeplab_config);
-    # like LOSS_TYPE, fixed to these values by check_unsupported_keys().
-    cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2"]
-    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
-    cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV = False
-    # DeepLab's ResNet extensions, read by build_resnet_deeplab_backbone; check_unsupported_keys() rejects
-    # values other than these defaults with detectron2's build_resnet_backbone, which ignores them.
-    cfg.MODEL.RESNETS.RES4_DILATION = 1
-    cfg.MODEL.RESNETS.RES5_MULTI_GRID = [1, 1, 1]
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
+    # DeepLab's semantic/ASPP head (fixed values, see check_unsupported_keys) and ResNet extensions.
+    _declare(cfg, _DEEPLAB_HEAD_VALUES)
+    _declare(cfg, _DEEPLAB_RESNET_DEFAULTS)
 
 
 def add_qsegformers_config(cfg):
     """Add every qsegformers key (Mask2Former names first) to ``cfg`` in place. Idempotent: on a config that
-    already has them it changes nothing (re-declaring ``MODEL.MASK_FORMER`` would drop the MP-Former keys
-    declared there, and values merged in between would be reset)."""
+    already has them it changes nothing (re-declaring ``MODEL.MASK_FORMER`` would reset values merged in
+    between)."""
     if all(hasattr(cfg.MODEL, ns) for ns in _QSEG_NAMESPACES) and hasattr(cfg, "GLOBAL"):
         return
     add_deeplab_compat_config(cfg)
@@ -126,6 +130,10 @@ def add_qsegformers_config(cfg):
 
     # ---- test-time augmentation (detectron2's TEST.AUG.{ENABLED,MIN_SIZES,MAX_SIZE,FLIP}) ----
     cfg.TEST.AUG.MASK_NMS_THRESH = 0.5  # instances of one class overlapping more (mask IoU) are merged
+    # Sliding-window semantic inference (any semantic model; MaskFormer.inference, sliding_window.py).
+    cfg.TEST.SLIDING_WINDOW = False  # predict on overlapping crops and average their class scores
+    cfg.TEST.SLIDE_CROP = 512  # window side in pixels (the training crop)
+    cfg.TEST.SLIDE_STRIDE = 341  # step between windows in pixels
 
     # ---- solver ----
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters (queries)
@@ -144,7 +152,6 @@ def add_qsegformers_config(cfg):
     mf.NHEADS = 8  # attention heads of the transformer decoder and of the pixel decoder's deformable encoder
     mf.DROPOUT = 0.1  # dropout of the pixel decoder's deformable encoder (the official decoder uses none)
     mf.DIM_FEEDFORWARD = 2048  # FFN hidden size of the transformer decoder
-    mf.ENC_LAYERS = 0  # MaskFormer (v1)'s transformer encoder layers; only 0 is supported
     mf.DEC_LAYERS = 6  # decoder layers, counting the prediction on the learnable queries
     mf.PRE_NORM = False  # pre-norm transformer layers
     mf.HIDDEN_DIM = 256  # query and feature width of the transformer decoder
@@ -159,6 +166,15 @@ def add_qsegformers_config(cfg):
     mf.IMPORTANCE_SAMPLE_RATIO = 0.75  # fraction of points chosen by uncertainty
     mf.MATCHER_NAME = ""  # matcher registry name; "" uses the one the decoder declares
     mf.CRITERION_NAME = ""  # criterion registry name; "" uses the one the decoder declares
+    # Official MP-Former fork keys mapped onto MODEL.MP.* by decoders/mp_config.py's mp_options
+    # (None / -1 = not set: the MODEL.MP key wins).
+    mf.ALL_LY_DN = None  # True -> MP.LAYERS = -1, False -> first 4 layers
+    mf.DN_NO_LB = None  # True drops the MP classification loss (MP.CLS_LOSS = False)
+    mf.HEAD_DN = None  # per-head noise (MP.PER_HEAD_NOISE)
+    mf.LB_NOISE_RATIO = -1.0  # label-noise ratio; < 0 keeps MP.LABEL_NOISE_RATIO
+    # Official SeMask-Mask2Former prior-loss weight; unset (-1) defers to MODEL.SEMASK.PRIOR_LOSS_WEIGHT
+    # (see losses/semask_prior.py and backbones/swin_config.py's resolve_compat_key).
+    mf.CATE_WEIGHT = float(COMPAT_UNSET)
     mf.TEST = CN()
     mf.TEST.SEMANTIC_ON = True  # produce "sem_seg" at inference
     mf.TEST.INSTANCE_ON = False  # produce "instances" at inference
@@ -183,11 +199,11 @@ def add_qsegformers_config(cfg):
     add_swin_config(cfg)
     add_vit_config(cfg)
     add_pft_config(cfg)  # MODEL.PFT.* (Pyramid Fusion Transformer)
-    add_mp_config(cfg)  # MODEL.MP.* and the official MP-Former fork's keys
+    add_mp_config(cfg)  # MODEL.MP.* and the official MP-Former fork's MODEL.DN.*
     add_faseg_config(cfg)  # MODEL.DFPQ.* and MODEL.HRCA.* (FASeg)
-    add_segvit_config(cfg)  # MODEL.ATM.*, MODEL.SHRUNK.*, TEST.SLIDING_WINDOW/SLIDE_* (SegViT)
+    add_segvit_config(cfg)  # MODEL.ATM.*, MODEL.SHRUNK.* (SegViT)
 
-    # Mask2Former's `add_maskformer2_config` also sets this (used by its LSJ hack); kept for merges.
+    # Mask2Former's `add_maskformer2_config` also declares GLOBAL (GLOBAL.HACK, used by its LSJ hack).
     cfg.GLOBAL = CN()
-    cfg.GLOBAL.HACK = 1.0  # official placeholder; only 1.0 is accepted (check_unsupported_keys)
+    _declare(cfg, _OFFICIAL_ONLY_VALUES)  # fixed-value official keys (ENC_LAYERS, GLOBAL.HACK, MP fork's)
     add_custom_dataset_config(cfg)  # DATASETS.CUSTOM.*: a dataset on disk registered from the config

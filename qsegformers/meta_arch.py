@@ -60,8 +60,9 @@ class MaskFormer(nn.Module):
     ):
         """
         Args:
-            sem_seg_head: a head whose ``predictor`` follows the decoder contract and declares
-                ``class_activation``.
+            sem_seg_head: a head whose ``predictor`` follows the decoder contract
+                (:class:`~qsegformers.decoders.base.QueryDecoder`): ``class_activation`` and
+                ``queries_are_classes`` are read from it.
             size_divisibility: pad images to a multiple of this (< 0: the backbone's own value).
             sem_seg_postprocess_before_inference: resize masks to the output size before combining them
                 (always done for panoptic and instance outputs).
@@ -197,7 +198,7 @@ class MaskFormer(nn.Module):
             thing_ids=self._thing_ids(),
             topk=self.test_topk_per_image,
             panoptic_on=self.panoptic_on,
-            queries_are_classes=getattr(self.sem_seg_head.predictor, "queries_are_classes", False),
+            queries_are_classes=self.sem_seg_head.predictor.queries_are_classes,
         )
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:

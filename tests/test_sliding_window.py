@@ -9,6 +9,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
 
+from qsegformers.decoders.base import QueryDecoder
 from qsegformers.meta_arch import MaskFormer
 from qsegformers.sliding_window import sliding_window_scores, window_starts
 
@@ -65,7 +66,7 @@ class _PixelBackbone(nn.Module):
         return {"feat": ShapeSpec(channels=8, stride=1)}
 
 
-class _Predictor(nn.Module):
+class _Predictor(QueryDecoder):
     class_activation = "softmax"
 
 

@@ -18,9 +18,6 @@ Example (the numbers reported for issue 7):
 import argparse
 import json
 import logging
-import statistics
-import sys
-import time
 import weakref
 from typing import Dict, List
 
@@ -28,8 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, __file__.rsplit("/tools/", 1)[0])
-from qsegformers.decoders.faseg import FASegTransformerDecoder  # noqa: E402
+from qsegformers.decoders.faseg import FASegTransformerDecoder
+from qsegformers.utils.benchmark import median_time
 
 logger = logging.getLogger("benchmark_hrca")
 
@@ -103,36 +100,29 @@ def train_iteration(decoder, feats, pos, mask_features) -> None:
     loss.backward()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(args, name: str) -> Dict:
     decoder = build_decoder(args, VARIANTS[name])
     feats, pos, mask_features = make_inputs(args)
     if args.device.type == "cuda":
-        _sync(args.device)
+        torch.cuda.synchronize(args.device)
         base = torch.cuda.memory_allocated(args.device)
         torch.cuda.reset_peak_memory_stats(args.device)
         train_iteration(decoder, feats, pos, mask_features)
-        _sync(args.device)
+        torch.cuda.synchronize(args.device)
         peak = torch.cuda.max_memory_allocated(args.device) - base
         method = "cuda max_memory_allocated"
     else:
         with StoragePeakTracker(list(decoder.parameters()) + feats + pos + [mask_features]) as tracker:
             train_iteration(decoder, feats, pos, mask_features)
         peak, method = tracker.peak, "peak live tensor storage (dispatch tracker)"
-    times: List[float] = []
-    for _ in range(args.repeats):
+
+    def fresh_iteration():
         decoder.zero_grad(set_to_none=True)
         for t in feats + pos + [mask_features]:
             t.grad = None
-        _sync(args.device)
-        start = time.perf_counter()
         train_iteration(decoder, feats, pos, mask_features)
-        _sync(args.device)
-        times.append(time.perf_counter() - start)
+
+    seconds = median_time(fresh_iteration, args.device, warmup=0, repeats=args.repeats)
     hw4 = (args.size // STRIDES[-1]) ** 2
     hw32 = (args.size // STRIDES[0]) ** 2
     keys = hw4 if name == "dense" else max(1, hw32 // args.omega_rate) * (STRIDES[0] // STRIDES[-1]) ** 2
@@ -143,7 +133,7 @@ def measure(args, name: str) -> Dict:
         "batch": args.batch,
         "high_res_keys": keys,
         "peak_memory_mib": peak / MIB,
-        "time_s": statistics.median(times),
+        "time_s": seconds,
         "memory_method": method,
     }
 

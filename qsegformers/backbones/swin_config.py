@@ -41,10 +41,10 @@ def add_swin_config(cfg):
     sm.PRIOR_LOSS_WEIGHT = SEMASK_PRIOR_LOSS_WEIGHT_DEFAULT  # alpha of the semantic-prior CE loss
 
     # Official SeMask-Mask2Former names, declared so its files merge. Unset (-1) they defer to MODEL.SEMASK.*;
-    # set, they take effect (see resolve_compat_key), and a conflicting MODEL.SEMASK value is an error.
+    # set, they take effect (see resolve_compat_key), and a conflicting MODEL.SEMASK value is an error. The official
+    # prior-loss weight MODEL.MASK_FORMER.CATE_WEIGHT is declared by qsegformers/config.py (its namespace owner).
     sw.NUM_SEM_BLOCKS = COMPAT_UNSET  # official: SeMask blocks in every stage (-> SEMASK.NUM_SEM_BLOCKS)
     sw.SEM_WINDOW_SIZE = COMPAT_UNSET  # official: semantic window size (-> SEMASK.SEM_WINDOW_SIZE)
-    cfg.MODEL.MASK_FORMER.CATE_WEIGHT = float(COMPAT_UNSET)  # official: prior loss weight (-> SEMASK.PRIOR_LOSS_WEIGHT)
 
 
 def resolve_compat_key(cfg, official_key: str, canonical_key: str, default, to_canonical=lambda v: v):

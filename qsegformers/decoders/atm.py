@@ -17,15 +17,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..losses import atm_criterion  # noqa: F401  (registers ATMCriterion, named by criterion_name)
 from ..registries import TRANSFORMER_DECODER_REGISTRY
 from .atm_layers import ATMStage, QueryUpsampler, TokenProjection, repeat_tokens, resize_like
+from .base import QueryDecoder
 from .segvit_config import DEFAULT_CUMULATIVE_MASKS, DEFAULT_LAYERS_PER_STAGE
 
 __all__ = ["ATMDecoder", "ATMShrunkDecoder"]
 
 
-class _ClassTokenHead(nn.Module):
+class _ClassTokenHead(QueryDecoder):
     """The class tokens (one per class) and the (K+1)-way class embedding shared by every prediction."""
 
     class_activation = "softmax"  # K+1 columns, the last one is "no object"

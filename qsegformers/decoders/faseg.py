@@ -2,20 +2,20 @@
 high-resolution cross-attention (HRCA). Spec: shared/specs/dfpq.md.
 
 It subclasses ``MultiScaleMaskedTransformerDecoder`` and overrides steps of its forward loop:
-- ``prepare_memory`` adds the 1/4 level (HRCA) and takes the key positional encodings K_p from the pixel
-  decoder (conditional PEG maps) when given;
-- ``attention_mask`` keeps the predicted mask logits (``PredictedMask``) so a layer can derive both its
-  masked-attention mask and the mask-based positional queries;
-- ``decoder_layer`` builds the layer's positional query P_i, runs masked cross-attention (1/32, 1/16, 1/8)
-  or HRCA (1/4), self-attention with P_i and the FFN, then prepares P_{i+1} from the attention map.
-Per-forward state (current P, the round's selecting attention) lives in ``FASegMemory``, not in the module.
+- ``prepare_memory`` reads the 1/4 level too (HRCA) and takes the key positional encodings K_p from the
+  pixel decoder (conditional PEG maps) when given;
+- ``layer_query_pos`` builds the layer's positional query P_i (from the last predicted masks or the
+  previous layer's attention map), used by the cross- and self-attention;
+- ``cross_attention`` runs HRCA on the 1/4 level, and on the 1/32, 1/16, 1/8 levels the base masked
+  cross-attention, keeping its attention map to prepare P_{i+1} when DFPQ or HRCA's selection needs it.
+Per-forward state (K_p, current P, the round's selecting attention) lives in ``FASegState``
+(``DecoderState.method``), not in the module.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
 from ..registries import TRANSFORMER_DECODER_REGISTRY
@@ -40,10 +40,11 @@ from .hrca import (
     select_token_indices,
     selection_scores,
 )
-from .mask2former import NUM_FEATURE_LEVELS, Memory, MultiScaleMaskedTransformerDecoder
+from .layers import build_input_projections
+from .mask2former import NUM_FEATURE_LEVELS, DecoderState, Memory, MultiScaleMaskedTransformerDecoder
 
 __all__ = [
-    "FASegTransformerDecoder", "MultiScaleMaskedTransformerDecoderFASeg", "FASegMemory", "PredictedMask", "LevelInputs",
+    "FASegTransformerDecoder", "MultiScaleMaskedTransformerDecoderFASeg", "FASegState",
 ]
 
 HRCA_LEVEL = NUM_FEATURE_LEVELS  # index of the 1/4 level: after 1/32, 1/16, 1/8
@@ -52,32 +53,19 @@ HRCA_QUERY_POS = ("static", "dfpq")
 
 
 @dataclass
-class FASegMemory(Memory):
-    """``Memory`` plus the decoder state carried from layer to layer within one forward pass.
+class FASegState:
+    """FASeg's part of one forward pass (``DecoderState.method``), carried from layer to layer.
 
-    query_pos: positional query for the next layer, N x B x C (None before layer 0);
+    pos_embeddings: the pixel decoder's key encodings K_p per level, B x C x H_l x W_l (None: sine);
+    query_pos: positional query P of the next layer, N x B x C (None before layer 0);
     select_attn: B x N x HW_sel attention of the round's selecting low-resolution layer;
     hrca_indices: the gathered high-resolution token indices of each HRCA layer (B x G x T).
     """
 
+    pos_embeddings: Optional[List[Tensor]] = None
     query_pos: Optional[Tensor] = None
     select_attn: Optional[Tensor] = None
     hrca_indices: List[Tensor] = field(default_factory=list)
-
-
-@dataclass
-class PredictedMask:
-    """What ``attention_mask`` hands to the next layer: the predicted mask logits B x N x H/4 x W/4 (detached)."""
-
-    logits: Tensor
-
-
-class LevelInputs(list):
-    """The decoder's multi-scale features, with the pixel decoder's position maps (or None) attached."""
-
-    def __init__(self, features: List[Tensor], pos_embeddings: Optional[List[Tensor]]):
-        super().__init__(features)
-        self.pos_embeddings = pos_embeddings
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -175,13 +163,7 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             # Replacing the registered modules keeps their place in the state dict (official order).
             self.num_feature_levels = NUM_FEATURE_LEVELS + 1
             self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
-            if in_channels != hidden_dim or kwargs["enforce_input_project"]:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                nn.init.kaiming_uniform_(proj.weight, a=1)
-                nn.init.zeros_(proj.bias)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Sequential())
+            self.input_proj.extend(build_input_projections(in_channels, hidden_dim, 1, kwargs["enforce_input_project"]))
         if self.dfpq_enabled:
             self.adapt_pos2d = (
                 build_pos_mlp(hidden_dim, mlp_layers)
@@ -234,48 +216,34 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
 
     # ---- overridden steps ----
 
-    def prepare_memory(self, features: List[Tensor]) -> FASegMemory:
-        """features: the levels coarse to fine (optionally ``LevelInputs`` carrying position maps)."""
-        memory = super().prepare_memory(list(features))
-        pos_embeddings = getattr(features, "pos_embeddings", None)
-        pos = memory.pos
-        if pos_embeddings is not None:
-            if len(pos_embeddings) < self.num_feature_levels:
-                raise ValueError(
-                    f"{type(self).__name__} needs {self.num_feature_levels} position maps, got {len(pos_embeddings)}."
-                )
-            pos = [p.flatten(2).permute(2, 0, 1) for p in pos_embeddings[: self.num_feature_levels]]
-        return FASegMemory(src=memory.src, pos=pos, sizes=memory.sizes)
+    def prepare_memory(self, features: List[Tensor], state: DecoderState) -> Memory:
+        """features: the levels coarse to fine; key encodings from ``state.method.pos_embeddings`` when given."""
+        memory = super().prepare_memory(list(features), state)
+        pos_embeddings = state.method.pos_embeddings
+        if pos_embeddings is None:
+            return memory
+        if len(pos_embeddings) < self.num_feature_levels:
+            raise ValueError(
+                f"{type(self).__name__} needs {self.num_feature_levels} position maps, got {len(pos_embeddings)}."
+            )
+        pos = [p.flatten(2).permute(2, 0, 1) for p in pos_embeddings[: self.num_feature_levels]]
+        return Memory(src=memory.src, pos=pos, sizes=memory.sizes)
 
-    def attention_mask(self, outputs_mask: Tensor, target_size: Tuple[int, int]) -> PredictedMask:
-        """Keep the logits; the layer that uses them derives its mask (and positional query) from them."""
-        return PredictedMask(logits=outputs_mask.detach())
-
-    def decoder_layer(
-        self, i: int, output: Tensor, query_pos: Optional[Tensor], attn_mask: PredictedMask, memory: FASegMemory
-    ) -> Tensor:
-        """Layer i; ``query_pos`` is the learnable B (N x B x C), output N x B x C."""
+    def cross_attention(self, i: int, output: Tensor, query_pos: Tensor, state: DecoderState) -> Tensor:
+        """HRCA on the 1/4 level, else the base masked cross-attention with query P_i (keeping its attention
+        map when DFPQ or HRCA's selection uses it). output: N x B x C."""
         level = i % self.num_feature_levels
-        is_hrca = self.hrca_enabled and level == HRCA_LEVEL
-        pos_q = self.layer_query_pos(i, level, query_pos, attn_mask, memory)
-        attn = None
-        if is_hrca:
-            output = self.hrca_cross_attention(i, output, query_pos if self.hrca_query_pos == "static" else pos_q,
-                                               memory)
-        else:
-            blocked = super().attention_mask(attn_mask.logits, memory.sizes[level])
-            # A query whose mask covers no pixel would attend to nothing (NaN): let it see everything.
-            blocked[torch.where(blocked.sum(-1) == blocked.shape[-1])] = False
-            layer = self.transformer_cross_attention_layers[i]
-            if self.needs_attention(level):
-                output, attn = layer(output, memory.src[level], memory_mask=blocked, pos=memory.pos[level],
-                                     query_pos=pos_q, need_weights=True)
-            else:
-                output = layer(output, memory.src[level], memory_mask=blocked, pos=memory.pos[level], query_pos=pos_q)
-        output = self.transformer_self_attention_layers[i](output, query_pos=pos_q)
-        output = self.transformer_ffn_layers[i](output)
-        if attn is not None:
-            self.after_attention(i, level, attn, query_pos, memory)
+        if self.hrca_enabled and level == HRCA_LEVEL:
+            hrca_pos = state.query_pos if self.hrca_query_pos == "static" else query_pos
+            return self.hrca_cross_attention(i, output, hrca_pos, state)
+        if not self.needs_attention(level):
+            return super().cross_attention(i, output, query_pos, state)
+        memory = state.memory
+        output, attn = self.transformer_cross_attention_layers[i](
+            output, memory.src[level], memory_mask=self.cross_attention_mask(i, state), pos=memory.pos[level],
+            query_pos=query_pos, need_weights=True,
+        )
+        self.after_attention(i, level, attn, state)
         return output
 
     # ---- DFPQ ----
@@ -294,59 +262,64 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         mlp = self.adapt_pos2d if isinstance(self.adapt_pos2d, nn.Sequential) else self.adapt_pos2d[i]
         return mlp(x)
 
-    def layer_query_pos(
-        self, i: int, level: int, bias: Tensor, predicted: PredictedMask, memory: FASegMemory
-    ) -> Tensor:
-        """Positional query P_i of layer i (N x B x C); also stored in ``memory.query_pos``."""
+    def layer_query_pos(self, i: int, state: DecoderState) -> Tensor:
+        """Positional query P_i of layer i (N x B x C) from the learnable B (``state.query_pos``) and the last
+        predicted masks; also stored in ``state.method.query_pos``."""
+        bias, fa, memory = state.query_pos, state.method, state.memory
         if not self.dfpq_enabled:
             return bias
+        level = i % self.num_feature_levels
         if self.hrca_enabled and level == HRCA_LEVEL:
-            return memory.query_pos  # not refreshed by HRCA (official): reuse the 1/8 layer's
+            return fa.query_pos  # not refreshed by HRCA (official): reuse the 1/8 layer's
         if self.query_type == "dfpq" and i > 0:
-            return memory.query_pos  # built from layer i-1's attention in after_attention
+            return fa.query_pos  # built from layer i-1's attention in after_attention
+        logits = state.mask_logits
         batch = bias.shape[1]
         if self.query_type == "grid_anchor":
             anchors = grid_anchors(bias.shape[0], bias.device)
             x = sine_embed_points(anchors, bias.shape[-1] // 2)[None].expand(batch, -1, -1)
         elif self.query_type == "dynamic_anchor":
-            x = sine_embed_points(mask_centres(predicted.logits, self.first_layer_pool_threshold), bias.shape[-1] // 2)
+            x = sine_embed_points(mask_centres(logits, self.first_layer_pool_threshold), bias.shape[-1] // 2)
         elif self.query_type == "dynamic_foreground":
-            x = region_pooled_pos(predicted.logits, memory.pos[level], memory.sizes[level],
+            x = region_pooled_pos(logits, memory.pos[level], memory.sizes[level],
                                   self.first_layer_pool_threshold, "foreground")
         elif self.first_layer_pool == "none":  # dfpq, layer 0
             x = torch.zeros_like(bias).transpose(0, 1)
         else:
-            x = region_pooled_pos(predicted.logits, memory.pos[level], memory.sizes[level],
+            x = region_pooled_pos(logits, memory.pos[level], memory.sizes[level],
                                   self.first_layer_pool_threshold, self.first_layer_pool)
-        memory.query_pos = self.pos_mlp(i, x.to(bias.dtype), bias)
-        return memory.query_pos
+        fa.query_pos = self.pos_mlp(i, x.to(bias.dtype), bias)
+        return fa.query_pos
 
-    def after_attention(self, i: int, level: int, attn: Tensor, bias: Tensor, memory: FASegMemory) -> None:
-        """Keep the selecting attention of the round; build P_{i+1} = h(A_i K_p + B) (Eq. 2)."""
+    def after_attention(self, i: int, level: int, attn: Tensor, state: DecoderState) -> None:
+        """attn: B x N x HW_l of layer i. Keep the selecting attention of the round; build
+        P_{i+1} = h(A_i K_p + B) (Eq. 2) into ``state.method.query_pos``."""
+        fa = state.method
         if level == self.select_from_level:
-            memory.select_attn = attn.detach()
+            fa.select_attn = attn.detach()
         if self.dfpq_enabled and self.query_type == "dfpq" and i + 1 < self.num_layers:
             a = attn.detach() if self.detach_attn else attn
-            memory.query_pos = self.pos_mlp(i + 1, attention_pooled_pos(a, memory.pos[level]), bias)
+            fa.query_pos = self.pos_mlp(i + 1, attention_pooled_pos(a, state.memory.pos[level]), state.query_pos)
 
     # ---- HRCA ----
 
-    def hrca_cross_attention(self, i: int, output: Tensor, query_pos: Tensor, memory: FASegMemory) -> Tensor:
+    def hrca_cross_attention(self, i: int, output: Tensor, query_pos: Tensor, state: DecoderState) -> Tensor:
         """Cross-attention of layer i to the selected 1/4 tokens only. output, query_pos: N x B x C."""
         layer = self.transformer_cross_attention_layers[i]
+        memory, fa = state.memory, state.method
         src, pos = memory.src[HRCA_LEVEL], memory.pos[HRCA_LEVEL]
         if self.selection == "all":  # vanilla: dense attention over every 1/4 token
             return layer(output, src, pos=pos, query_pos=query_pos)
         low_size = memory.sizes[self.select_from_level]
         hw_low = low_size[0] * low_size[1]
         scores = selection_scores(
-            memory.select_attn, output.shape[1], output.shape[0], hw_low,
+            fa.select_attn, output.shape[1], output.shape[0], hw_low,
             selection=self.selection, shared=self.shared_across_queries, device=output.device,
         )
         indices = select_token_indices(
             scores, low_size, memory.sizes[HRCA_LEVEL], num_selected_cells(hw_low, self.omega_rate), self.mapping
         )
-        memory.hrca_indices.append(indices)
+        fa.hrca_indices.append(indices)
         if self.shared_across_queries:
             idx = indices[:, 0]
             return layer(output, gather_tokens(src, idx), pos=gather_tokens(pos, idx), query_pos=query_pos)
@@ -364,7 +337,8 @@ class FASegTransformerDecoder(MultiScaleMaskedTransformerDecoder):
     ) -> Dict:
         """features: levels B x C_in x H_l x W_l coarse to fine; pos_embeddings: their K_p maps B x C x H_l x W_l
         (None: sine); mask_features: B x D x H/4 x W/4. Returns the Mask2Former output dict."""
-        return super().forward(LevelInputs(list(features), pos_embeddings), mask_features, mask, targets)
+        state = DecoderState(mask_features=mask_features, targets=targets, method=FASegState(pos_embeddings))
+        return self.decode(features, state)
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()

@@ -4,13 +4,16 @@ Sequence-first layout throughout (as ``nn.MultiheadAttention`` defaults): querie
 memory ``S x B x C``. Parameter names (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``,
 ``norm``) follow the official Mask2Former modules so their checkpoints load.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
-__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "get_activation_fn"]
+__all__ = [
+    "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "get_activation_fn", "build_input_projections",
+]
 
 
 def with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -23,6 +26,25 @@ def get_activation_fn(name: str):
     if name not in table:
         raise ValueError(f"activation should be one of {sorted(table)}, not {name!r}")
     return table[name]
+
+
+def build_input_projections(in_channels: int, hidden_dim: int, num_levels: int, enforce: bool) -> List[nn.Module]:
+    """One module per level mapping B x in_channels x H x W features to B x hidden_dim x H x W.
+
+    A 1x1 conv (Kaiming-uniform with a=1, zero bias, as the official decoder) when the widths differ or
+    ``enforce`` (MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ) is set; otherwise a parameter-free identity.
+    Built in level order, so parameter names (``input_proj.<l>``) and the random init order are fixed.
+    """
+    projections = []
+    for _ in range(num_levels):
+        if in_channels != hidden_dim or enforce:
+            proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+            nn.init.kaiming_uniform_(proj.weight, a=1)
+            nn.init.zeros_(proj.bias)
+            projections.append(proj)
+        else:
+            projections.append(nn.Sequential())
+    return projections
 
 
 def _init_xavier(module: nn.Module):

@@ -5,26 +5,29 @@ then query self-attention, then an FFN. Before the first layer and after each on
 heads predict from the current queries, and the predicted masks (threshold on the sigmoid) restrict the
 next layer's cross-attention to the foreground of each query.
 
-The forward loop calls small overridable steps (``prepare_memory``, ``prepare_queries``,
-``decoder_layer``, ``self_attention_mask``, ``forward_prediction_heads``, ``attention_mask``,
-``build_outputs``) so that a method changing one step subclasses this decoder instead of copying the
-loop: MP-Former adds queries and a self-attention mask, FASeg changes the positional queries and the
-cross-attention of some layers.
+The forward loop (``decode``) calls small overridable steps, each handed the per-forward
+:class:`DecoderState`: ``prepare_memory``, ``prepare_queries``, ``decoder_layer`` (= ``layer_query_pos``,
+``cross_attention`` with ``cross_attention_mask`` / ``layer_attention_mask``, self-attention with
+``self_attention_mask``, FFN), ``record_prediction`` and ``build_outputs``; the heads
+(``forward_prediction_heads``, ``attention_mask``) are pure functions of their inputs. A method changing
+one step subclasses this decoder and overrides that step instead of copying the loop, and keeps its own
+per-forward data in ``state.method``: MP-Former adds queries, attention-mask rows and a self-attention
+mask; FASeg changes the memory, the positional queries and the cross-attention of some layers.
 """
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
 from ..pixel_decoders.position_encoding import PositionEmbeddingSine
 from ..registries import TRANSFORMER_DECODER_REGISTRY
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from .base import QueryDecoder
+from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, build_input_projections
 
-__all__ = ["MultiScaleMaskedTransformerDecoder", "Memory"]
+__all__ = ["MultiScaleMaskedTransformerDecoder", "Memory", "DecoderState"]
 
 NUM_FEATURE_LEVELS = 3  # the decoder reads the 1/32, 1/16 and 1/8 pixel-decoder outputs
 MASK_EMBED_LAYERS = 3  # depth of the MLP that turns queries into mask embeddings
@@ -43,8 +46,32 @@ class Memory:
     sizes: List[Tuple[int, int]]
 
 
+@dataclass
+class DecoderState:
+    """What one forward pass carries from step to step: created by ``forward``, handed to every step,
+    never stored on the module.
+
+    mask_features: B x D x H/4 x W/4; targets: the training targets (None at inference);
+    memory: the flattened levels (``prepare_memory``); query_pos: Q x B x C positional queries (None: none);
+    attn_mask: (B*heads) x Q x (h*w) bool mask of the last prediction for the next layer, True = blocked;
+    mask_logits: B x Q x H/4 x W/4 the last predicted mask logits (detached: they steer attention only);
+    predictions_class, predictions_mask: every prediction so far, the input queries' first;
+    method: a method's own per-forward data (e.g. MP-Former's ``MPBatch``, FASeg's ``FASegState``).
+    """
+
+    mask_features: Tensor
+    targets: Optional[List[Dict]] = None
+    memory: Optional[Memory] = None
+    query_pos: Optional[Tensor] = None
+    attn_mask: Optional[Tensor] = None
+    mask_logits: Optional[Tensor] = None
+    predictions_class: List[Tensor] = field(default_factory=list)
+    predictions_mask: List[Tensor] = field(default_factory=list)
+    method: Any = None
+
+
 @TRANSFORMER_DECODER_REGISTRY.register()
-class MultiScaleMaskedTransformerDecoder(nn.Module):
+class MultiScaleMaskedTransformerDecoder(QueryDecoder):
     """Masked-attention decoder of Mask2Former.
 
     Decoder contract: ``forward(features, mask_features, mask=None, targets=None) -> dict`` with
@@ -55,6 +82,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     class_activation = "softmax"  # softmax over K classes + "no object"
     matcher_name = "HungarianMatcher"  # the matcher this decoder's outputs are trained with
     criterion_name = "SetCriterion"  # the criterion (CRITERION_REGISTRY) that supervises its outputs
+    num_feature_levels = NUM_FEATURE_LEVELS  # reads 1/32, 1/16, 1/8 (an instance may read more, e.g. FASeg's HRCA)
     attn_mask_threshold = 0.5  # a pixel is attended when the predicted mask probability is >= this
 
     @configurable
@@ -111,17 +139,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_queries = num_queries
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embeddings
-        self.num_feature_levels = NUM_FEATURE_LEVELS
         self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList()
-        for _ in range(self.num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                nn.init.kaiming_uniform_(proj.weight, a=1)
-                nn.init.zeros_(proj.bias)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Sequential())
+        self.input_proj = nn.ModuleList(
+            build_input_projections(in_channels, hidden_dim, self.num_feature_levels, enforce_input_project)
+        )
         self.num_classes = num_classes
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, MASK_EMBED_LAYERS)
@@ -147,8 +168,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     # ---- the steps of the forward loop (override one to change one step) ----
 
-    def prepare_memory(self, features: List[Tensor]) -> Memory:
-        """features: NUM_FEATURE_LEVELS tensors B x C_in x H_l x W_l (coarse to fine) -> Memory."""
+    def prepare_memory(self, features: List[Tensor], state: DecoderState) -> Memory:
+        """features: ``num_feature_levels`` tensors B x C_in x H_l x W_l (coarse to fine) -> Memory."""
         if len(features) != self.num_feature_levels:
             raise ValueError(
                 f"{type(self).__name__} expects {self.num_feature_levels} feature levels, got {len(features)}."
@@ -161,32 +182,65 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             src.append(level.permute(2, 0, 1))
         return Memory(src=src, pos=pos, sizes=sizes)
 
-    def prepare_queries(
-        self, batch_size: int, targets: Optional[List[Dict]] = None
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Return the input queries and their positional embeddings, both Q x B x C."""
+    def prepare_queries(self, state: DecoderState) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return the input queries and their positional embeddings (``state.query_pos``), both Q x B x C."""
+        batch_size = state.mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, batch_size, 1)
         return output, query_pos
 
-    def decoder_layer(
-        self, i: int, output: Tensor, query_pos: Optional[Tensor], attn_mask: Tensor, memory: Memory
-    ) -> Tensor:
-        """Layer i: masked cross-attention to level i mod L, self-attention, FFN. output: Q x B x C."""
-        level = i % self.num_feature_levels
-        # A query whose mask covers no pixel would attend to nothing (NaN): let it see everything.
-        attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
-        output = self.transformer_cross_attention_layers[i](
-            output, memory.src[level], memory_mask=attn_mask, pos=memory.pos[level], query_pos=query_pos
-        )
+    def decoder_layer(self, i: int, output: Tensor, state: DecoderState) -> Tensor:
+        """Layer i: cross-attention, self-attention, FFN. output: Q x B x C."""
+        query_pos = self.layer_query_pos(i, state)
+        output = self.cross_attention(i, output, query_pos, state)
         output = self.transformer_self_attention_layers[i](
-            output, tgt_mask=self.self_attention_mask(i, output), query_pos=query_pos
+            output, tgt_mask=self.self_attention_mask(i, output, state), query_pos=query_pos
         )
         return self.transformer_ffn_layers[i](output)
 
-    def self_attention_mask(self, i: int, output: Tensor) -> Optional[Tensor]:
+    def layer_query_pos(self, i: int, state: DecoderState) -> Optional[Tensor]:
+        """Positional query of layer i's attentions, Q x B x C (Mask2Former: the learnable ``query_embed``)."""
+        return state.query_pos
+
+    def cross_attention(self, i: int, output: Tensor, query_pos: Optional[Tensor], state: DecoderState) -> Tensor:
+        """Masked cross-attention of the queries (Q x B x C) to level i mod L."""
+        level = i % self.num_feature_levels
+        memory = state.memory
+        return self.transformer_cross_attention_layers[i](
+            output, memory.src[level], memory_mask=self.cross_attention_mask(i, state), pos=memory.pos[level],
+            query_pos=query_pos,
+        )
+
+    def cross_attention_mask(self, i: int, state: DecoderState) -> Tensor:
+        """Layer i's cross-attention mask (B*heads) x Q x (h*w), True = blocked: ``layer_attention_mask``
+        with every fully blocked row opened (a query whose mask covers no pixel would attend to nothing: NaN)."""
+        attn_mask = self.layer_attention_mask(i, state)
+        attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+        return attn_mask
+
+    def layer_attention_mask(self, i: int, state: DecoderState) -> Tensor:
+        """Layer i's raw attention mask: the previous prediction's thresholded masks (``state.attn_mask``)."""
+        return state.attn_mask
+
+    def self_attention_mask(self, i: int, output: Tensor, state: DecoderState) -> Optional[Tensor]:
         """Query self-attention mask of layer i (Q x Q or (B*heads) x Q x Q, True = blocked); None = all."""
         return None
+
+    def record_prediction(self, output: Tensor, state: DecoderState, attn_mask_target_size: Tuple[int, int]) -> None:
+        """Predict from the queries (Q x B x C); append to the state's predictions and set the next layer's
+        ``state.attn_mask`` (at ``attn_mask_target_size``) and ``state.mask_logits``."""
+        outputs_class, outputs_mask, state.attn_mask = self.forward_prediction_heads(
+            output, state.mask_features, attn_mask_target_size
+        )
+        state.predictions_class.append(outputs_class)
+        state.predictions_mask.append(outputs_mask)
+        state.mask_logits = outputs_mask.detach()
+
+    def build_outputs(self, state: DecoderState) -> Dict:
+        """The output dict of the forward pass (Mask2Former: ``prediction_dict`` of every prediction)."""
+        return self.prediction_dict(state.predictions_class, state.predictions_mask)
+
+    # ---- the heads (pure functions of their inputs) ----
 
     def forward_prediction_heads(
         self, output: Tensor, mask_features: Tensor, attn_mask_target_size: Tuple[int, int]
@@ -208,7 +262,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         blocked = m.sigmoid().flatten(2) < self.attn_mask_threshold
         return blocked.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
 
-    def build_outputs(self, predictions_class: List[Tensor], predictions_mask: List[Tensor]) -> Dict:
+    @staticmethod
+    def prediction_dict(predictions_class: List[Tensor], predictions_mask: List[Tensor]) -> Dict:
         """The last prediction as ``pred_logits``/``pred_masks``, the earlier ones as ``aux_outputs``."""
         return {
             "pred_logits": predictions_class[-1],
@@ -231,18 +286,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         ``mask`` (padding mask) is accepted for the contract and unused, as in the official decoder;
         ``targets`` are only read by training-time extensions (e.g. mask-piloted queries).
         """
-        memory = self.prepare_memory(features)
-        output, query_pos = self.prepare_queries(mask_features.shape[0], targets)
-        predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-            output, mask_features, memory.sizes[0]
-        )
-        predictions_class.append(outputs_class)
-        predictions_mask.append(outputs_mask)
+        return self.decode(features, DecoderState(mask_features=mask_features, targets=targets))
+
+    def decode(self, features: List[Tensor], state: DecoderState) -> Dict:
+        """The loop: memory, input queries and their prediction, then per layer a layer and a prediction."""
+        state.memory = self.prepare_memory(features, state)
+        output, state.query_pos = self.prepare_queries(state)
+        self.record_prediction(output, state, state.memory.sizes[0])
         for i in range(self.num_layers):
-            output = self.decoder_layer(i, output, query_pos, attn_mask, memory)
-            next_size = memory.sizes[(i + 1) % self.num_feature_levels]
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, next_size)
-            predictions_class.append(outputs_class)
-            predictions_mask.append(outputs_mask)
-        return self.build_outputs(predictions_class, predictions_mask)
+            output = self.decoder_layer(i, output, state)
+            self.record_prediction(output, state, state.memory.sizes[(i + 1) % self.num_feature_levels])
+        return self.build_outputs(state)

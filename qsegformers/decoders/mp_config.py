@@ -1,5 +1,6 @@
-"""Config keys of MP-Former's mask-piloted training (``MODEL.MP.*``), plus the keys of the official
-MP-Former fork (``MODEL.DN.*``, ``MODEL.MASK_FORMER.*DN*``) so that its merged configs load.
+"""Config keys of MP-Former's mask-piloted training (``MODEL.MP.*``), plus the official MP-Former fork's
+``MODEL.DN.*`` so that its merged configs load (its ``MODEL.MASK_FORMER.*DN*`` and ``SOLVER.*`` keys are
+declared by ``qsegformers/config.py``, which owns those namespaces).
 
 Mask-piloted (MP) training only changes training: the decoder and its inference are Mask2Former's
 (shared ``MODEL.MASK_FORMER.*`` keys). Spec: shared/specs/mpformer.md, section 5.
@@ -28,7 +29,7 @@ OFFICIAL_FIRST_LAYERS = 4
 
 
 def add_mp_config(cfg):
-    """Declare ``MODEL.MP.*`` (paper defaults) and the official fork's keys. Idempotent."""
+    """Declare ``MODEL.MP.*`` (paper defaults) and the official fork's ``MODEL.DN.*``. Idempotent."""
     if hasattr(cfg.MODEL, "MP"):
         return
     cfg.MODEL.MP = CN()
@@ -58,18 +59,6 @@ def add_mp_config(cfg):
     cfg.MODEL.DN = CN()
     cfg.MODEL.DN.NUM_DN = None  # official MP budget / group count -> MP.NUM_QUERIES or MP.NUM_GROUPS
     cfg.MODEL.DN.NOISE_SCALE = None  # official noise scale -> MP.{POINT,SHIFT,SCALE}_NOISE_*
-    mf = cfg.MODEL.MASK_FORMER
-    mf.ALL_LY_DN = None  # official: True -> MP.LAYERS = -1, False -> first 4 layers
-    mf.DN_NO_LB = None  # official: True drops the MP classification loss (MP.CLS_LOSS = False)
-    mf.HEAD_DN = None  # official: per-head noise (MP.PER_HEAD_NOISE)
-    mf.LB_NOISE_RATIO = -1.0  # official label-noise ratio; < 0 keeps MP.LABEL_NOISE_RATIO
-    # Official keys without a qsegformers implementation: only the official values are accepted.
-    mf.DN_MODE = "base"
-    mf.DN_RATIO = 0.5
-    mf.LAST_Q_RATIO = 0.0
-    cfg.SOLVER.DROP_EP = 0
-    cfg.SOLVER.INSTANT_DROP = False
-
 
 def _set(value, default):
     return default if value is None else value

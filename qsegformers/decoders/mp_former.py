@@ -9,8 +9,8 @@ each other. The MP predictions come back under ``mp_outputs`` and are supervised
 :class:`qsegformers.losses.mp_criterion.MPCriterion` without matching. In evaluation (or with MP
 disabled) the decoder is Mask2Former's.
 
-The per-step state of the MP part (targets, slots, pilot-mask cache) lives in ``self._mp`` for the
-duration of one forward pass: the base loop's steps have no other channel to share it.
+The MP part of one forward pass (slots, noised labels, pilot-mask cache) is an :class:`MPBatch` kept in
+the loop's ``DecoderState.method``; the module holds no per-forward state.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -19,9 +19,8 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..losses import mp_criterion  # noqa: F401  (registers MPCriterion, named by criterion_name)
 from ..registries import TRANSFORMER_DECODER_REGISTRY
-from .mask2former import Memory, MultiScaleMaskedTransformerDecoder
+from .mask2former import DecoderState, Memory, MultiScaleMaskedTransformerDecoder
 from .mp_config import mp_options
 from .mp_noise import downsample_gt, geometric_noise, label_noise, point_noise, resize_nearest
 
@@ -153,7 +152,6 @@ class MPMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         self.gt_downsample = gt_downsample
         self.label_guided = label_guided
         self.label_noise_ratio = label_noise_ratio
-        self._mp: Optional[MPBatch] = None
 
     @classmethod
     def from_config(cls, cfg, in_channels, mask_classification=True):
@@ -265,23 +263,24 @@ class MPMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
 
     # ---- overridden steps of the base loop ----
 
-    def prepare_queries(self, batch_size: int, targets: Optional[List[Dict]] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """[P MP slots ; N matching queries] x B x C and their positional queries (None when dropped)."""
-        self._mp = None
+    def prepare_queries(self, state: DecoderState) -> Tuple[Tensor, Optional[Tensor]]:
+        """[P MP slots ; N matching queries] x B x C and their positional queries (None when dropped);
+        sets ``state.method`` to the step's :class:`MPBatch` in training with GT segments."""
+        batch_size = state.mask_features.shape[0]
         if self.query_embed is None:
             output, query_pos = self.query_feat.weight.unsqueeze(1).repeat(1, batch_size, 1), None
         else:
-            output, query_pos = super().prepare_queries(batch_size, targets)
+            output, query_pos = super().prepare_queries(state)
         if not self.training:
             return output, query_pos
         # Zero-weighted use of the MP-only parameters: DDP then sees them used in every step.
         output = output + self.mp_parameters_touch()
-        if not self.mp_enabled or targets is None:
+        if not self.mp_enabled or state.targets is None:
             return output, query_pos
-        mp = self.build_mp_batch(targets, output.device)
+        mp = self.build_mp_batch(state.targets, output.device)
         if mp is None:
             return output, query_pos
-        self._mp = mp
+        state.method = mp
         output = torch.cat([self.mp_content(mp, output), output])
         if query_pos is not None:
             if self.mp_query_embed is None:
@@ -298,31 +297,31 @@ class MPMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
             total = total + self.mp_query_embed.weight.sum()
         return total * 0.0
 
-    def decoder_layer(
-        self, i: int, output: Tensor, query_pos: Optional[Tensor], attn_mask: Tensor, memory: Memory
-    ) -> Tensor:
-        """Replace the MP rows of the cross-attention mask by the noised pilot masks, then run layer i."""
-        mp = self._mp
+    def layer_attention_mask(self, i: int, state: DecoderState) -> Tensor:
+        """The base mask with its MP rows replaced by the noised pilot masks (on piloted layers)."""
+        attn_mask = super().layer_attention_mask(i, state)
+        mp = state.method
         if mp is not None and self.pilots_layer(i):
-            blocked = ~self.pilot_masks(mp, i % self.num_feature_levels, memory).flatten(-2)
+            blocked = ~self.pilot_masks(mp, i % self.num_feature_levels, state.memory).flatten(-2)
             batch = blocked.shape[0]
             if blocked.dim() == 3:  # the same pilot for every head
                 blocked = blocked[:, None]
             rows = attn_mask.view(batch, self.num_heads, attn_mask.shape[1], attn_mask.shape[2])
             rows[:, :, : mp.num_slots] = blocked
-        return super().decoder_layer(i, output, query_pos, attn_mask, memory)
+        return attn_mask
 
-    def self_attention_mask(self, i: int, output: Tensor) -> Optional[Tensor]:
-        return None if self._mp is None else self._mp.self_attn_mask
+    def self_attention_mask(self, i: int, output: Tensor, state: DecoderState) -> Optional[Tensor]:
+        return None if state.method is None else state.method.self_attn_mask
 
-    def build_outputs(self, predictions_class: List[Tensor], predictions_mask: List[Tensor]) -> Dict:
+    def build_outputs(self, state: DecoderState) -> Dict:
         """Matching part as the base outputs; the MP part under ``mp_outputs``."""
-        mp, self._mp = self._mp, None
+        mp = state.method
         if mp is None:
-            return super().build_outputs(predictions_class, predictions_mask)
+            return super().build_outputs(state)
         p = mp.num_slots
-        out = super().build_outputs([c[:, p:] for c in predictions_class], [m[:, p:] for m in predictions_mask])
-        mp_out = super().build_outputs([c[:, :p] for c in predictions_class], [m[:, :p] for m in predictions_mask])
+        classes, masks = state.predictions_class, state.predictions_mask
+        out = self.prediction_dict([c[:, p:] for c in classes], [m[:, p:] for m in masks])
+        mp_out = self.prediction_dict([c[:, :p] for c in classes], [m[:, :p] for m in masks])
         mp_out.update(num_groups=mp.num_groups, max_targets=mp.max_targets)
         out["mp_outputs"] = mp_out
         return out

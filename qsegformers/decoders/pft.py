@@ -10,12 +10,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
-from ..losses import pft_criterion  # noqa: F401  (registers PFTCriterion, named by criterion_name)
 from ..pixel_decoders.position_encoding import PositionEmbeddingSine
 from ..registries import TRANSFORMER_DECODER_REGISTRY
+from .base import QueryDecoder
+from .layers import build_input_projections
 from .pft_layers import PFTDecoderLayer, PFTScaleHead
 
 __all__ = ["PyramidFusionTransformerDecoder", "class_logits_as_query_logits"]
@@ -38,7 +38,7 @@ def class_logits_as_query_logits(class_logits: Tensor) -> Tensor:
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
-class PyramidFusionTransformerDecoder(nn.Module):
+class PyramidFusionTransformerDecoder(QueryDecoder):
     """PFT decoder.
 
     Output dict (the final layer; in training, ``aux_outputs`` holds the same keys for the prediction from
@@ -58,6 +58,7 @@ class PyramidFusionTransformerDecoder(nn.Module):
     matcher_name = "FixedMatcher"  # query k <-> class k
     queries_are_classes = True  # pred_logits is diagonal: inference skips the sum over queries
     criterion_name = "PFTCriterion"
+    num_feature_levels = MAX_NUM_SCALES  # the 1/32, 1/16, 1/8 levels (MODEL.PFT.NUM_SCALES may use fewer)
 
     @configurable
     def __init__(
@@ -117,15 +118,9 @@ class PyramidFusionTransformerDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.query_feat = nn.ModuleList(nn.Embedding(num_classes, hidden_dim) for _ in range(num_scales))
         self.query_embed = nn.ModuleList(nn.Embedding(num_classes, hidden_dim) for _ in range(num_scales))
-        self.input_proj = nn.ModuleList()
-        for _ in range(num_scales):
-            if in_channels != hidden_dim or enforce_input_project:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                nn.init.kaiming_uniform_(proj.weight, a=1)
-                nn.init.zeros_(proj.bias)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Identity())
+        self.input_proj = nn.ModuleList(
+            build_input_projections(in_channels, hidden_dim, num_scales, enforce_input_project)
+        )
         self.layers = nn.ModuleList(
             PFTDecoderLayer(
                 num_scales=num_scales,

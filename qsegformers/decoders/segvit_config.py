@@ -1,5 +1,5 @@
-"""Config keys of SegViT (``MODEL.ATM.*``, ``MODEL.SHRUNK.*``) and of sliding-window testing
-(``TEST.SLIDING_WINDOW``, ``TEST.SLIDE_CROP``, ``TEST.SLIDE_STRIDE``).
+"""Config keys of SegViT (``MODEL.ATM.*``, ``MODEL.SHRUNK.*``). Its sliding-window testing uses the shared
+``TEST.SLIDING_WINDOW``, ``TEST.SLIDE_CROP`` and ``TEST.SLIDE_STRIDE`` (declared in ``qsegformers/config.py``).
 
 Spec: shared/specs/segvit.md. The backbone is ``D2PlainViT`` (``MODEL.VIT.*``) or, for the Shrunk structure,
 ``D2ShrunkViT``; the pixel decoder is ``IdentityPixelDecoder``, which hands the ViT block outputs listed in
@@ -21,7 +21,7 @@ DEFAULT_CUMULATIVE_MASKS = True
 
 
 def add_segvit_config(cfg):
-    """Declare ``MODEL.ATM.*``, ``MODEL.SHRUNK.*`` and the sliding-window test keys. Idempotent."""
+    """Declare ``MODEL.ATM.*`` and ``MODEL.SHRUNK.*``. Idempotent."""
     if hasattr(cfg.MODEL, "ATM"):
         return
     cfg.MODEL.ATM = CN()
@@ -54,7 +54,3 @@ def add_segvit_config(cfg):
     shrunk.QU_LAYERS_PER_STAGE = 3  # decoder layers of each QU stage (one stage per input feature)
     shrunk.ATM_LAYERS = 3  # layers of the single ATM stage; each one is supervised
 
-    # ---- sliding-window semantic inference (any semantic model; MaskFormer.inference) ----
-    cfg.TEST.SLIDING_WINDOW = False  # predict on overlapping crops and average their class scores
-    cfg.TEST.SLIDE_CROP = 512  # window side in pixels (the training crop)
-    cfg.TEST.SLIDE_STRIDE = 341  # step between windows in pixels

@@ -28,6 +28,10 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+from ..data.mappers.build import build_dataset_mapper
+from ..data.mappers.robust import DropBadSamples
+from ..data.mappers.test_time import SafeTestDatasetMapper
+from ..data.train_loader import build_resumable_train_loader, is_resumable
 from .checkpoint import QsegCheckpointer
 from .defaults import disable_amp_without_cuda
 from .evaluators import build_evaluator, get_evaluator_type
@@ -133,17 +137,11 @@ class Trainer(DefaultTrainer):
     def build_train_mapper(cls, cfg):
         """The training mapper selected by ``INPUT.DATASET_MAPPER_NAME``; a sample it cannot use is
         dropped with one warning (:class:`qsegformers.data.mappers.robust.DropBadSamples`)."""
-        # Imported here so the engine does not depend on the data package at import time.
-        from qsegformers.data.mappers.build import build_dataset_mapper
-        from qsegformers.data.mappers.robust import DropBadSamples
-
         return DropBadSamples(build_dataset_mapper(cfg, True))
 
     @classmethod
     def build_train_loader(cls, cfg):
         """The resumable loader (``TrainingSampler``), else detectron2's loader (resume restarts it)."""
-        from qsegformers.data.train_loader import build_resumable_train_loader, is_resumable
-
         mapper = cls.build_train_mapper(cfg)
         if is_resumable(cfg):
             return build_resumable_train_loader(cfg, mapper, training_seed(cfg))
@@ -157,8 +155,6 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         """detectron2's test loader with ``SafeTestDatasetMapper`` (detectron2's test-time resize; images
         read like the training mappers: EXIF, grayscale, palette, RGBA, 16-bit)."""
-        from qsegformers.data.mappers.test_time import SafeTestDatasetMapper
-
         return build_detection_test_loader(cfg, dataset_name, mapper=SafeTestDatasetMapper(cfg, False))
 
     @classmethod

@@ -12,14 +12,13 @@ Checked before anything is built (``setup()``, ``Trainer`` and ``train_net.py --
 * panoptic test sets evaluated for PQ have a thing and a stuff class (panopticapi's PQ_th / PQ_st would
   divide by zero: rejected here rather than crashing after training), and a ``DATASETS.CUSTOM``
   panoptic test set evaluated for mIoU has its ``SEM_SEG_ROOT``;
-* decoder / pixel decoder: a decoder that reads ``L`` multi-scale levels (its module's
-  ``NUM_FEATURE_LEVELS``) needs at least ``L`` features in ``MODEL.SEM_SEG_HEAD.IN_FEATURES``;
+* decoder / pixel decoder: a decoder that reads ``L`` multi-scale levels (its declared
+  ``QueryDecoder.num_feature_levels``) needs at least ``L`` features in ``MODEL.SEM_SEG_HEAD.IN_FEATURES``;
 * decoder / matcher: ``FixedMatcher`` assigns query k to class k, so a decoder built for another
   matcher (whose query count is ``NUM_OBJECT_QUERIES``) needs ``NUM_OBJECT_QUERIES == NUM_CLASSES``;
   decoders that declare ``matcher_name = "FixedMatcher"`` make one query per class themselves.
 """
 import logging
-import sys
 from typing import List, Optional, Tuple
 
 from detectron2.data import MetadataCatalog
@@ -45,7 +44,6 @@ PACKAGE = "qsegformers"
 FIXED_MATCHER = "FixedMatcher"
 INSTANCE_EVALUATORS = ("coco", "cityscapes_instance")
 INSTANCE_MAPPERS = ("mask_former_instance", "coco_instance_lsj")
-LEVELS_ATTRIBUTE = "NUM_FEATURE_LEVELS"  # module constant of a decoder: multi-scale levels it reads
 
 
 class ConfigValidationError(ValueError):
@@ -154,7 +152,7 @@ def _decoder_problems(cfg) -> List[str]:
         return []
     problems = []
     decoder_cls = TRANSFORMER_DECODER_REGISTRY.get(mf.TRANSFORMER_DECODER_NAME)
-    levels = getattr(sys.modules.get(decoder_cls.__module__), LEVELS_ATTRIBUTE, None)
+    levels = decoder_cls.num_feature_levels
     if levels is not None and len(head.IN_FEATURES) < levels:
         problems.append(
             f"MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = {mf.TRANSFORMER_DECODER_NAME!r} reads {levels} "

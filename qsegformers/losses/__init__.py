@@ -1,4 +1,7 @@
-"""Mask losses, point sampling and the set criterion."""
+"""Mask losses and the set criteria. Importing the package registers every criterion in CRITERION_REGISTRY
+(SetCriterion, MPCriterion, PFTCriterion, ATMCriterion), so a criterion exists whether or not its decoder
+was imported."""
+from . import atm_criterion, mp_criterion, pft_criterion  # noqa: F401  (registrations)
 from .build import build_criterion
 from .criterion import SetCriterion, build_weight_dict
 from .mask_losses import (

@@ -3,7 +3,8 @@ every prediction (each ATM stage, or each layer of the Shrunk head) either
 
 * ``loss_type="mask"`` (default): ``loss_ce`` the (K+1)-way CE of every query (absent classes -> no-object,
   weighted ``eos_coef``, from :class:`SetCriterion`), and the dense ``loss_mask`` (sigmoid focal) and
-  ``loss_dice`` of the present classes' mask logits, bilinearly upsampled to the target resolution, or
+  ``loss_dice`` of the present classes' mask logits, bilinearly upsampled to the target resolution
+  (:class:`~qsegformers.losses.fixed_criterion.FixedMatchingCriterion`), or
 * ``loss_type="ce"`` (Table 4 ablation): ``loss_sem_ce``, a per-pixel K-way CE on the semantic scores
   ``sum_q softmax(l_q)[c] sigmoid(m_q)`` (the inference output, used as logits), ignoring uncovered pixels.
 
@@ -16,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..matching.fixed import FixedMatcher
 from ..registries import CRITERION_REGISTRY
-from .criterion import Indices, SetCriterion
-from .mask_losses import dice_loss, sigmoid_focal_loss
+from .criterion import Indices, LossFn
+from .fixed_criterion import FixedMatchingCriterion
 from .semask_prior import IGNORE_LABEL, semantic_targets, semask_prior_loss
 
 __all__ = ["ATMCriterion", "LOSS_TYPES", "semantic_scores"]
@@ -34,10 +34,8 @@ def semantic_scores(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torc
 
 
 @CRITERION_REGISTRY.register()
-class ATMCriterion(SetCriterion):
+class ATMCriterion(FixedMatchingCriterion):
     """Class CE + dense focal/dice mask losses with query k <-> class k, or the per-pixel CE variant."""
-
-    assignment_is_fixed = True  # query k <-> class k, the same for every stage's prediction
 
     def __init__(
         self,
@@ -67,12 +65,6 @@ class ATMCriterion(SetCriterion):
             ignore_value: label of pixels no target mask covers (loss_type "ce").
             deep_supervision: also supervise ``outputs["aux_outputs"]``.
         """
-        matcher = FixedMatcher() if matcher is None else matcher
-        if not isinstance(matcher, FixedMatcher):
-            raise TypeError(
-                f"ATMCriterion needs the FixedMatcher (query k = class k), got {type(matcher).__name__}; "
-                "leave MODEL.MASK_FORMER.MATCHER_NAME empty or set it to 'FixedMatcher'."
-            )
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"MODEL.ATM.LOSS_TYPE must be one of {LOSS_TYPES}, got {loss_type!r}")
         weight_dict = (
@@ -84,19 +76,18 @@ class ATMCriterion(SetCriterion):
             num_classes,
             matcher=matcher,
             weight_dict=weight_dict,
+            losses=["labels", "masks"] if loss_type == "mask" else ["sem_ce"],
             eos_coef=eos_coef,
-            losses=[],
-            num_points=0,  # dense losses: no point sampling
-            oversample_ratio=1.0,
-            importance_sample_ratio=0.0,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+            mask_loss_sampling="dense",
             deep_supervision=deep_supervision,
         )
-        self.loss_fns.update({"masks": self.loss_masks, "sem_ce": self.loss_sem_ce})
-        self.losses = ["labels", "masks"] if loss_type == "mask" else ["sem_ce"]
         self.loss_type = loss_type
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
         self.ignore_value = ignore_value
+
+    def term_functions(self) -> Dict[str, LossFn]:
+        return {**super().term_functions(), "sem_ce": self.loss_sem_ce}
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, matcher) -> "ATMCriterion":
@@ -115,24 +106,6 @@ class ATMCriterion(SetCriterion):
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             deep_supervision=cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION,
         )
-
-    def loss_masks(self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float) -> Dict:
-        """Focal and dice losses of the present classes' mask logits, upsampled to the target resolution.
-
-        Returns {"loss_mask": scalar, "loss_dice": scalar}.
-        """
-        pred_masks = outputs["pred_masks"]
-        batch_idx, src_idx = self._src_permutation_idx(indices)
-        if batch_idx.numel() == 0:
-            zero = pred_masks.sum() * 0.0
-            return {"loss_mask": zero, "loss_dice": zero.clone()}
-        src = pred_masks[batch_idx.to(pred_masks.device), src_idx.to(pred_masks.device)][:, None].float()
-        tgt = self._matched_target_masks(targets, indices).to(src)[:, None]
-        src = F.interpolate(src, size=tgt.shape[-2:], mode="bilinear", align_corners=False)
-        return {
-            "loss_mask": sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma),
-            "loss_dice": dice_loss(src, tgt, num_masks),
-        }
 
     def loss_sem_ce(self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float) -> Dict:
         """Per-pixel CE of the semantic scores (upsampled to the targets) against the painted label map.

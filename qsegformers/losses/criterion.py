@@ -5,7 +5,7 @@ weight dict. Loss terms are looked up by name in ``self.loss_fns``, so a subclas
 adding a method and registering it in that mapping, and a method with its own assignment
 (fixed matching, denoising slots) calls :meth:`SetCriterion.compute_losses` with its own indices.
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .mask_losses import (
     sigmoid_ce_loss,
 )
 
-__all__ = ["SetCriterion", "build_weight_dict"]
+__all__ = ["SetCriterion", "build_weight_dict", "expand_weight_dict"]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[Dict, List[Dict], Indices, float], Dict[str, torch.Tensor]]
@@ -31,17 +31,22 @@ LossFn = Callable[[Dict, List[Dict], Indices, float], Dict[str, torch.Tensor]]
 BASE_LOSS_KEYS = ("loss_ce", "loss_mask", "loss_dice")
 
 
+def expand_weight_dict(weights: Dict[str, float], num_aux: int) -> Dict[str, float]:
+    """``weights`` (loss key -> weight) plus ``<key>_<i>`` copies for ``num_aux`` auxiliary outputs: the one
+    weight-dict builder of every criterion."""
+    weight_dict = dict(weights)
+    for i in range(num_aux):
+        weight_dict.update({f"{k}_{i}": w for k, w in weights.items()})
+    return weight_dict
+
+
 def build_weight_dict(
     class_weight: float, mask_weight: float, dice_weight: float, dec_layers: int, deep_supervision: bool
 ) -> Dict[str, float]:
     """Loss weights of the baseline: loss_ce/loss_mask/loss_dice, plus ``<key>_<i>`` copies for
     the ``dec_layers - 1`` auxiliary outputs when ``deep_supervision``."""
     base = dict(zip(BASE_LOSS_KEYS, (class_weight, mask_weight, dice_weight)))
-    weight_dict = dict(base)
-    if deep_supervision:
-        for i in range(dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": w for k, w in base.items()})
-    return weight_dict
+    return expand_weight_dict(base, dec_layers - 1 if deep_supervision else 0)
 
 
 @CRITERION_REGISTRY.register()
@@ -93,11 +98,15 @@ class SetCriterion(nn.Module):
         # Part of the official state dict as ``criterion.empty_weight``: keep the name.
         self.register_buffer("empty_weight", empty_weight)
 
-        self.loss_fns: Dict[str, LossFn] = {"labels": self.loss_labels, "masks": self.loss_masks}
+        self.loss_fns: Dict[str, LossFn] = self.term_functions()
         unknown = [name for name in losses if name not in self.loss_fns]
         if unknown:
-            raise KeyError(f"SetCriterion: unknown loss names {unknown}; known: {sorted(self.loss_fns)}")
+            raise KeyError(f"{type(self).__name__}: unknown loss names {unknown}; known: {sorted(self.loss_fns)}")
         self.losses = list(losses)
+
+    def term_functions(self) -> Dict[str, LossFn]:
+        """Loss-term name -> function; a subclass adds its terms by extending this mapping."""
+        return {"labels": self.loss_labels, "masks": self.loss_masks}
 
     @classmethod
     def config_kwargs(cls, cfg, num_classes: int, matcher: nn.Module) -> Dict:
@@ -220,11 +229,18 @@ class SetCriterion(nn.Module):
         return self.matcher(outputs, targets)
 
     def compute_losses(
-        self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float, suffix: str = ""
+        self,
+        outputs: Dict,
+        targets: List[Dict],
+        indices: Indices,
+        num_masks: float,
+        suffix: str = "",
+        names: Optional[Sequence[str]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Every term in ``self.losses`` for one output dict and a given assignment, keys + suffix."""
+        """Every term in ``names`` (default ``self.losses``) for one output dict and a given assignment,
+        keys + suffix."""
         losses = {}
-        for name in self.losses:
+        for name in self.losses if names is None else names:
             for key, value in self.loss_fns[name](outputs, targets, indices, num_masks).items():
                 losses[key + suffix] = value
         return losses

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from ..decoders.mp_config import mp_options
 from ..registries import CRITERION_REGISTRY
 from .criterion import BASE_LOSS_KEYS, Indices, SetCriterion, build_weight_dict
 
@@ -95,9 +96,6 @@ class MPCriterion(SetCriterion):
     @classmethod
     def config_kwargs(cls, cfg, num_classes: int, matcher: nn.Module) -> Dict:
         """:class:`SetCriterion`'s arguments plus the MP options and the MP loss weights."""
-        # Imported here: qsegformers.decoders imports this module (the decoder names its criterion).
-        from ..decoders.mp_config import mp_options
-
         mf = cfg.MODEL.MASK_FORMER
         opts = mp_options(cfg)
         kwargs = super().config_kwargs(cfg, num_classes, matcher)
@@ -124,13 +122,6 @@ class MPCriterion(SetCriterion):
             for b in range(len(targets))
         ]
 
-    def mp_terms(self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float, suffix: str) -> Dict:
-        losses = {}
-        for name in self.mp_losses:
-            for key, value in self.loss_fns[name](outputs, targets, indices, num_masks).items():
-                losses[key + MP_SUFFIX + suffix] = value
-        return losses
-
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         """Unweighted matched losses (:meth:`SetCriterion.forward`) plus the MP losses when MP is enabled."""
         losses = super().forward({k: v for k, v in outputs.items() if k != "mp_outputs"}, targets)
@@ -151,7 +142,7 @@ class MPCriterion(SetCriterion):
         predictions = [mp_out] + (list(mp_out.get("aux_outputs", [])) if self.deep_supervision else [])
         for suffix, pred in zip(suffixes, predictions):
             indices = self.mp_match(pred, targets, groups, max_targets)
-            losses.update(self.mp_terms(pred, targets, indices, mp_masks, suffix))
+            losses.update(self.compute_losses(pred, targets, indices, mp_masks, MP_SUFFIX + suffix, self.mp_losses))
         return losses
 
     def extra_repr(self) -> str:

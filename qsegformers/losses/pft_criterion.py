@@ -19,30 +19,20 @@ from detectron2.utils.events import get_event_storage
 
 from ..matching.fixed import FixedMatcher
 from ..registries import CRITERION_REGISTRY
-from .criterion import Indices, SetCriterion
-from .mask_losses import (
-    calculate_uncertainty,
-    dice_loss,
-    get_uncertain_point_coords_with_randomness,
-    point_sample,
-    sigmoid_focal_loss,
-)
+from .criterion import Indices, LossFn, expand_weight_dict
+from .fixed_criterion import DEFAULT_NUM_POINTS, MASK_LOSS_SAMPLINGS, FixedMatchingCriterion
+from .mask_losses import sigmoid_focal_loss
 
 __all__ = ["PFTCriterion", "attention_targets", "pft_weight_dict"]
 
 LOSS_KEYS = ("loss_ce", "loss_focal_ce", "loss_mask", "loss_dice", "loss_attn")
-MASK_LOSS_SAMPLINGS = ("dense", "points")
 ATTN_LOSS_LAYERS = ("all", "last")
 ATTN_TARGET_RESAMPLES = ("area", "nearest")
-DEFAULT_NUM_POINTS = 112 * 112  # Mask2Former's points per mask, for mask_loss_sampling="points"
 
 
 def pft_weight_dict(weights: Dict[str, float], num_aux: int) -> Dict[str, float]:
     """``weights`` (keys of LOSS_KEYS) plus ``<key>_<i>`` copies for ``num_aux`` auxiliary outputs."""
-    weight_dict = dict(weights)
-    for i in range(num_aux):
-        weight_dict.update({f"{k}_{i}": w for k, w in weights.items()})
-    return weight_dict
+    return expand_weight_dict(weights, num_aux)
 
 
 def attention_targets(
@@ -73,7 +63,7 @@ def attention_targets(
 
 
 @CRITERION_REGISTRY.register()
-class PFTCriterion(SetCriterion):
+class PFTCriterion(FixedMatchingCriterion):
     """Fixed-matching criterion of the Pyramid Fusion Transformer.
 
     Expected inputs of :meth:`forward`: the :class:`~qsegformers.decoders.pft.PyramidFusionTransformerDecoder`
@@ -81,8 +71,6 @@ class PFTCriterion(SetCriterion):
     B x K x h x w, ``attn_logits`` per scale B x K x h_s x w_s or None, ``aux_outputs``) and B target dicts
     {"labels": T_b distinct class ids, "masks": T_b x H x W binary masks}.
     """
-
-    assignment_is_fixed = True  # query k <-> class k, the same for every output
 
     def __init__(
         self,
@@ -120,12 +108,6 @@ class PFTCriterion(SetCriterion):
             attn_loss_layers: "all" outputs with attention logits, or only the "last".
             attn_target_resample: "area" or "nearest" downsampling of the GT masks.
         """
-        matcher = FixedMatcher() if matcher is None else matcher
-        if not isinstance(matcher, FixedMatcher):
-            raise TypeError(
-                f"PFTCriterion needs the FixedMatcher (query k = class k), got {type(matcher).__name__}; "
-                "leave MODEL.MASK_FORMER.MATCHER_NAME empty or set it to 'FixedMatcher'."
-            )
         for value, choices, key in (
             (mask_loss_sampling, MASK_LOSS_SAMPLINGS, "MASK_LOSS_SAMPLING"),
             (attn_loss_layers, ATTN_LOSS_LAYERS, "ATTN_LOSS_LAYERS"),
@@ -137,18 +119,15 @@ class PFTCriterion(SetCriterion):
             num_classes,
             matcher=matcher,
             weight_dict=weight_dict,
-            eos_coef=1.0,  # no no-object class: unused
-            losses=[],
+            losses=["labels", "masks", "attn"],
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+            mask_loss_sampling=mask_loss_sampling,
             num_points=num_points,
             oversample_ratio=oversample_ratio,
             importance_sample_ratio=importance_sample_ratio,
             deep_supervision=deep_supervision,
         )
-        self.loss_fns = {"labels": self.loss_labels, "masks": self.loss_masks, "attn": self.loss_attn}
-        self.losses = list(self.loss_fns)
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        self.mask_loss_sampling = mask_loss_sampling
         self.absent_weight = absent_weight
         self.absent_uniform = absent_uniform
         self.attn_loss_end_iter = attn_loss_end_iter
@@ -184,6 +163,9 @@ class PFTCriterion(SetCriterion):
             attn_loss_layers=pft.ATTN_LOSS_LAYERS,
             attn_target_resample=pft.ATTN_TARGET_RESAMPLE,
         )
+
+    def term_functions(self) -> Dict[str, LossFn]:
+        return {**super().term_functions(), "attn": self.loss_attn}
 
     # ------------------------------------------------------------------ schedule
 
@@ -221,33 +203,6 @@ class PFTCriterion(SetCriterion):
             sigmoid_focal_loss(z, present, batch, alpha=self.focal_alpha, gamma=self.focal_gamma) for z in per_scale
         )
         return {"loss_ce": F.binary_cross_entropy_with_logits(logits, present), "loss_focal_ce": loss_focal}
-
-    def loss_masks(self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float) -> Dict:
-        """Focal and dice losses of the averaged mask logits of present classes only.
-
-        "dense": logits bilinearly upsampled to the target resolution; "points": compared on
-        importance-sampled points. Returns loss_mask, loss_dice.
-        """
-        pred_masks = outputs["pred_masks"]
-        batch_idx, src_idx = self._src_permutation_idx(indices)
-        if batch_idx.numel() == 0:
-            zero = pred_masks.sum() * 0.0
-            return {"loss_mask": zero, "loss_dice": zero.clone()}
-        src = pred_masks[batch_idx.to(pred_masks.device), src_idx.to(pred_masks.device)][:, None].float()
-        tgt = self._matched_target_masks(targets, indices).to(src)[:, None]
-        if self.mask_loss_sampling == "dense":
-            src = F.interpolate(src, size=tgt.shape[-2:], mode="bilinear", align_corners=False)
-        else:
-            with torch.no_grad():
-                coords = get_uncertain_point_coords_with_randomness(
-                    src, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
-                )
-                tgt = point_sample(tgt, coords, align_corners=False)
-            src = point_sample(src, coords, align_corners=False)
-        return {
-            "loss_mask": sigmoid_focal_loss(src, tgt, num_masks, alpha=self.focal_alpha, gamma=self.focal_gamma),
-            "loss_dice": dice_loss(src, tgt, num_masks),
-        }
 
     def loss_attn(self, outputs: Dict, targets: List[Dict], indices: Indices, num_masks: float) -> Dict:
         """Attention-weight loss ``mean_b mean_s mean_k omega_k CE(t_{s,k}, softmax(a_{s,k}))``.

@@ -14,7 +14,8 @@ from detectron2.config import configurable
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..losses.mask_losses import batch_dice_cost, batch_sigmoid_ce_cost, point_sample
+from ..layers.mask_costs import batch_dice_cost, batch_sigmoid_ce_cost
+from ..layers.point_sampling import point_sample
 from ..registries import MATCHER_REGISTRY
 
 __all__ = ["HungarianMatcher"]

@@ -22,8 +22,8 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..engine.nan_guard import check_losses_finite
 from ..matching.fixed import FixedMatcher
+from .loss_checks import check_losses_finite
 
 __all__ = [
     "BenchmarkResult",

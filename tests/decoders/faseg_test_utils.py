@@ -1,7 +1,8 @@
 """Tiny FASeg decoders and inputs shared by test_faseg.py, test_dfpq.py and test_hrca.py."""
 import torch
 
-from qsegformers.decoders.faseg import FASegTransformerDecoder
+from qsegformers.decoders.faseg import FASegState, FASegTransformerDecoder
+from qsegformers.decoders.mask2former import DecoderState
 
 B, C, Q, K, D = 2, 32, 6, 4, 16
 # 1/32, 1/16, 1/8, 1/4 of a 256 x 256 image: HW_32 = 64, so omega_rate 32 selects 2 cells of 8 x 8.
@@ -21,6 +22,13 @@ FASEG_DEFAULTS = dict(
 def make_faseg(seed=0, **overrides):
     torch.manual_seed(seed)
     return FASegTransformerDecoder(C, **{**FASEG_DEFAULTS, **overrides}).eval()
+
+
+def faseg_state(decoder, feats, pos, mask_features):
+    """The ``DecoderState`` a forward of ``decoder`` starts with, its memory prepared as ``decode`` does."""
+    state = DecoderState(mask_features=mask_features, method=FASegState(pos_embeddings=pos))
+    state.memory = decoder.prepare_memory(feats, state)
+    return state
 
 
 def faseg_inputs(sizes=SIZES, seed=1):

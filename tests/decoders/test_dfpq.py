@@ -10,10 +10,11 @@ from qsegformers.decoders.dfpq import (
     region_pooled_pos,
     sine_embed_points,
 )
-from qsegformers.decoders.faseg import FASegMemory, LevelInputs, PredictedMask
+from qsegformers.decoders.faseg import FASegState
+from qsegformers.decoders.mask2former import DecoderState, Memory
 from qsegformers.pixel_decoders.position_encoding import PositionEmbeddingSine
 
-from faseg_test_utils import B, C, Q, SIZES, faseg_inputs, make_faseg
+from faseg_test_utils import B, C, Q, SIZES, faseg_inputs, faseg_state, make_faseg
 
 HW = 12
 
@@ -55,16 +56,16 @@ def test_sine_pe_and_one_hot_attention_collapse_to_anchor():
 def test_first_layer_pooling():
     """Empty foreground: P_0 = h(B); one foreground pixel p: P_0 = h(K_p[p] + B); background is the complement."""
     decoder = make_faseg()
-    feats, pos, _ = faseg_inputs()
-    memory = decoder.prepare_memory(LevelInputs(feats, pos))
-    bias = _bias()
-    logits = torch.full((B, Q, 64, 64), -20.0)
-    p0 = decoder.layer_query_pos(0, 0, bias, PredictedMask(logits), memory)
+    state = faseg_state(decoder, *faseg_inputs())
+    memory = state.memory
+    bias = state.query_pos = _bias()
+    logits = state.mask_logits = torch.full((B, Q, 64, 64), -20.0)
+    p0 = decoder.layer_query_pos(0, state)
     torch.testing.assert_close(p0, decoder.adapt_pos2d(bias))
     # one foreground cell (3, 5) of the 8 x 8 level: an 8 x 8 block of the 1/4 logits
     logits[:, :, 24:32, 40:48] = 20.0
-    memory.query_pos = None
-    p0 = decoder.layer_query_pos(0, 0, bias, PredictedMask(logits), memory)
+    state.method.query_pos = None
+    p0 = decoder.layer_query_pos(0, state)
     cell = 3 * SIZES[0][1] + 5
     torch.testing.assert_close(p0, decoder.adapt_pos2d(memory.pos[0][cell][None] + bias), atol=1e-5, rtol=1e-5)
     background = region_pooled_pos(logits, memory.pos[0], SIZES[0], 0.5, "background")
@@ -112,14 +113,17 @@ def test_attention_gradient_flows_into_dfpq_unless_detached():
     decoder = make_faseg()
     key_pos = torch.randn(HW, B, C)
     attn = torch.softmax(torch.randn(B, Q, HW), -1).requires_grad_()
-    memory = FASegMemory(src=[], pos=[None, key_pos], sizes=[])
-    decoder.after_attention(1, 1, attn, _bias(), memory)
-    memory.query_pos.sum().backward()
+    state = DecoderState(
+        mask_features=torch.zeros(B, 1, 1, 1), memory=Memory(src=[], pos=[None, key_pos], sizes=[]),
+        query_pos=_bias(), method=FASegState(),
+    )
+    decoder.after_attention(1, 1, attn, state)
+    state.method.query_pos.sum().backward()
     assert attn.grad.abs().sum() > 0
     decoder.detach_attn = True
     attn.grad = None
-    decoder.after_attention(1, 1, attn, _bias(), memory)
-    memory.query_pos.sum().backward()  # still differentiable w.r.t. h, but not w.r.t. A
+    decoder.after_attention(1, 1, attn, state)
+    state.method.query_pos.sum().backward()  # still differentiable w.r.t. h, but not w.r.t. A
     assert attn.grad is None
 
 

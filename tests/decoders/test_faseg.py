@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from qsegformers.config import add_qsegformers_config
-from qsegformers.decoders.faseg import FASegTransformerDecoder, PredictedMask
+from qsegformers.decoders.faseg import FASegTransformerDecoder
 from qsegformers.decoders.mask2former import MultiScaleMaskedTransformerDecoder
 from qsegformers.pixel_decoders.build import build_pixel_decoder
 
@@ -107,11 +107,9 @@ def test_positional_query_not_refreshed_by_hrca():
 def test_mask_threshold_015_attends_probability_02():
     decoder = make_faseg()
     logits = torch.full((1, Q, 4, 4), torch.logit(torch.tensor(0.2)).item())
-    blocked = MultiScaleMaskedTransformerDecoder.attention_mask(decoder, logits, (4, 4))
-    assert not blocked.any()
+    assert not decoder.attention_mask(logits, (4, 4)).any()
     decoder.attn_mask_threshold = 0.5
-    assert MultiScaleMaskedTransformerDecoder.attention_mask(decoder, logits, (4, 4)).all()
-    assert isinstance(decoder.attention_mask(logits, (4, 4)), PredictedMask)
+    assert decoder.attention_mask(logits, (4, 4)).all()
 
 
 def test_gradients_reach_dfpq_peg_inputs_and_attention_weights():

@@ -3,7 +3,7 @@ top-k selection shared by the queries of an image, block mapping, locality, perm
 import pytest
 import torch
 
-from qsegformers.decoders.faseg import HRCA_LEVEL, FASegMemory, LevelInputs
+from qsegformers.decoders.faseg import HRCA_LEVEL, FASegState
 from qsegformers.decoders.hrca import (
     gather_tokens,
     gather_tokens_per_query,
@@ -13,8 +13,9 @@ from qsegformers.decoders.hrca import (
     selection_scores,
 )
 from qsegformers.decoders.layers import CrossAttentionLayer
+from qsegformers.decoders.mask2former import DecoderState, Memory
 
-from faseg_test_utils import B, C, Q, SIZES, faseg_inputs, make_faseg
+from faseg_test_utils import B, C, Q, SIZES, faseg_inputs, faseg_state, make_faseg
 
 
 @pytest.mark.parametrize("hw_low, omega, expected", [(256, 32, 8), (2048, 32, 64), (64, 16, 4), (255, 32, 7), (4, 32, 1)])
@@ -61,23 +62,29 @@ def test_bilinear_mapping_picks_the_same_count_of_high_res_pixels():
         select_token_indices(scores, (4, 4), (15, 16), 2, "block")
 
 
-def _memory_with_selection(decoder, attn):
-    feats, pos, _ = faseg_inputs()
-    memory = decoder.prepare_memory(LevelInputs(feats, pos))
-    memory.select_attn = attn
-    return memory
+def _state_with_selection(decoder, attn):
+    state = faseg_state(decoder, *faseg_inputs())
+    state.method.select_attn = attn
+    return state
+
+
+def _state_with_levels(state, src, pos, attn):
+    """A fresh state over the given per-level tokens and encodings, with the selecting attention ``attn``."""
+    memory = Memory(src=src, pos=pos, sizes=state.memory.sizes)
+    return DecoderState(mask_features=state.mask_features, memory=memory, method=FASegState(select_attn=attn))
 
 
 def test_hrca_output_depends_only_on_gathered_tokens():
     """Perturbing unselected 1/4 tokens (features or K_p) leaves the HRCA output unchanged; their gradient is 0."""
     decoder = make_faseg()
     attn = torch.softmax(torch.randn(B, Q, 64), -1)
-    memory = _memory_with_selection(decoder, attn)
-    output, bias = decoder.prepare_queries(B)
+    state = _state_with_selection(decoder, attn)
+    memory = state.memory
+    output, bias = decoder.prepare_queries(state)
     src = memory.src[HRCA_LEVEL].detach().clone().requires_grad_()
     memory.src[HRCA_LEVEL] = src
-    out = decoder.hrca_cross_attention(3, output, bias, memory)
-    idx = memory.hrca_indices[-1][:, 0]  # B x T: one set per image, the same for every query
+    out = decoder.hrca_cross_attention(3, output, bias, state)
+    idx = state.method.hrca_indices[-1][:, 0]  # B x T: one set per image, the same for every query
     assert idx.shape == (B, 2 * 64)
     selected = torch.zeros(src.shape[:2], dtype=torch.bool)
     selected[idx, torch.arange(B)[:, None]] = True  # (HW_4, B)
@@ -88,13 +95,13 @@ def test_hrca_output_depends_only_on_gathered_tokens():
     grad_norm = src.grad.abs().sum(-1)
     assert torch.all(grad_norm[~selected] == 0)
     assert grad_norm[selected].min() > 1e-3  # measured: min 0.20, max 2.1 (float noise is ~1e-8)
-    perturbed = FASegMemory(src=list(memory.src), pos=list(memory.pos), sizes=memory.sizes, select_attn=attn)
+    perturbed = _state_with_levels(state, list(memory.src), list(memory.pos), attn)
     noise = torch.randn_like(src) * (~selected)[..., None]
-    perturbed.src[HRCA_LEVEL] = src.detach() + noise
-    perturbed.pos[HRCA_LEVEL] = memory.pos[HRCA_LEVEL] + noise
+    perturbed.memory.src[HRCA_LEVEL] = src.detach() + noise
+    perturbed.memory.pos[HRCA_LEVEL] = memory.pos[HRCA_LEVEL] + noise
     torch.testing.assert_close(decoder.hrca_cross_attention(3, output, bias, perturbed), out.detach())
-    touched = FASegMemory(src=list(memory.src), pos=list(memory.pos), sizes=memory.sizes, select_attn=attn)
-    touched.src[HRCA_LEVEL] = src.detach() + torch.randn_like(src) * selected[..., None]
+    touched = _state_with_levels(state, list(memory.src), list(memory.pos), attn)
+    touched.memory.src[HRCA_LEVEL] = src.detach() + torch.randn_like(src) * selected[..., None]
     assert not torch.allclose(decoder.hrca_cross_attention(3, output, bias, touched), out.detach())
 
 
@@ -103,10 +110,10 @@ def test_selected_set_differs_between_images_but_not_between_queries():
     attn = torch.zeros(B, Q, 64)
     attn[0, :, :2] = 0.5  # image 0 looks at cells 0, 1; image 1 at cells 62, 63
     attn[1, :, -2:] = 0.5
-    memory = _memory_with_selection(decoder, attn)
-    output, bias = decoder.prepare_queries(B)
-    decoder.hrca_cross_attention(3, output, bias, memory)
-    idx = memory.hrca_indices[-1]
+    state = _state_with_selection(decoder, attn)
+    output, bias = decoder.prepare_queries(state)
+    decoder.hrca_cross_attention(3, output, bias, state)
+    idx = state.method.hrca_indices[-1]
     assert idx.shape[1] == 1  # shared across queries
     cells = [set(((i // 64 // 8) * 8 + i % 64 // 8).tolist()) for i in idx[:, 0]]
     assert cells == [{0, 1}, {62, 63}]
@@ -159,12 +166,12 @@ def test_each_round_selects_from_its_own_round_attention():
         decoder.transformer_cross_attention_layers[i].register_forward_hook(
             lambda m, args, out, i=i: attn.__setitem__(i, out[1].detach().clone())
         )
-    memories = []
+    states = []
     prepare = decoder.prepare_memory
-    decoder.prepare_memory = lambda features: memories.append(prepare(features)) or memories[-1]
+    decoder.prepare_memory = lambda features, state: states.append(state) or prepare(features, state)
     with torch.no_grad():
         decoder(feats, mask_features, pos_embeddings=pos)
-    indices = memories[0].hrca_indices
+    indices = states[0].method.hrca_indices
     assert len(indices) == 3
     k_low = num_selected_cells(SIZES[0][0] * SIZES[0][1], 32)
     expected_rounds = []

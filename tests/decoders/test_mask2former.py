@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from qsegformers.decoders.layers import MLP, CrossAttentionLayer
-from qsegformers.decoders.mask2former import MultiScaleMaskedTransformerDecoder
+from qsegformers.decoders.mask2former import DecoderState, MultiScaleMaskedTransformerDecoder
 
 B, C, Q, K, D = 2, 32, 5, 4, 16
 SIZES = [(2, 3), (4, 6), (8, 12)]  # 1/32, 1/16, 1/8 of a 64 x 96 image
@@ -66,8 +66,9 @@ def test_cross_attention_ignores_pixels_outside_the_predicted_mask():
     """Features of blocked pixels do not change the first layer's output; attended pixels do."""
     decoder = make_decoder(dec_layers=2)
     feats, mask_features = inputs()
-    memory = decoder.prepare_memory(feats)
-    output, query_pos = decoder.prepare_queries(B)
+    state = DecoderState(mask_features=mask_features)
+    memory = decoder.prepare_memory(feats, state)
+    output, query_pos = decoder.prepare_queries(state)
     _, _, attn_mask = decoder.forward_prediction_heads(output, mask_features, memory.sizes[0])
     # block every pixel except the first one for all queries of image 0
     attn_mask = torch.ones_like(attn_mask)
@@ -119,7 +120,7 @@ def test_fully_blocked_query_attends_to_every_key_others_keep_their_mask():
     feats, _ = inputs()
     mask_features = _features_blocking_query_0(decoder)
     with torch.no_grad():
-        logits = decoder.forward_prediction_heads(*decoder.prepare_queries(B)[:1], mask_features, SIZES[0])[1]
+        logits = decoder.forward_prediction_heads(*decoder.prepare_queries(DecoderState(mask_features=mask_features))[:1], mask_features, SIZES[0])[1]
     low = F.interpolate(logits, size=SIZES[0], mode="bilinear", align_corners=False).flatten(2)  # B x Q x 6
     assert (low[:, 0] < -5).all()  # query 0: sigmoid < 0.5 at every key
     assert low[:, 1:].abs().min() > 1e-3  # the others are not decided by float noise ...

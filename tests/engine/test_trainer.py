@@ -6,8 +6,6 @@ depend on no other qsegformers stage.
 import importlib.util
 import math
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,11 +18,11 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from PIL import Image
 
 from qsegformers.engine import Trainer, setup
+from qsegformers.engine import trainer as trainer_module
 from qsegformers.engine.defaults import get_qsegformers_cfg
 
 ARCH_NAME = "QsegEngineTestArch"  # the class name, under which fvcore registers it
 TRAIN_NAME, VAL_NAME = "qseg_engine_test_train", "qseg_engine_test_val"
-MAPPER_MODULE = "qsegformers.data.mappers.build"
 TRAIN_NET = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "train_net.py")
 CLASSES = ["a", "b", "c"]
 IGNORE_LABEL = 255
@@ -97,15 +95,14 @@ def registered(tmp_path_factory):
 
 @pytest.fixture
 def mapper_calls(monkeypatch):
-    """Stand in for qsegformers.data.mappers.build so that Trainer gets the test mapper from it."""
+    """Stand in for the ``build_dataset_mapper`` the trainer imported, so that Trainer gets the test mapper from it."""
     calls = []
 
     def build_dataset_mapper(cfg, is_train):
         calls.append(is_train)
         return _train_mapper
 
-    fake_module = types.SimpleNamespace(build_dataset_mapper=build_dataset_mapper)
-    monkeypatch.setitem(sys.modules, MAPPER_MODULE, fake_module)
+    monkeypatch.setattr(trainer_module, "build_dataset_mapper", build_dataset_mapper)
     return calls
 
 
