@@ -7,6 +7,8 @@ from detectron2.config import get_cfg
 
 from qsegformers import add_qsegformers_config
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 REPO = os.path.join(os.path.dirname(__file__), "..")
 OURS_VS_OFFICIAL = [
     ("configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml", "mask2former_ade20k_sem_r50"),

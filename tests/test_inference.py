@@ -7,6 +7,8 @@ from detectron2.structures import Instances
 
 from qsegformers.inference import class_probs, instance_inference, panoptic_inference, semantic_inference
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 STRONG = 10.0  # a confident logit
 HEIGHT, WIDTH = 4, 6
 

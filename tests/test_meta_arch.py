@@ -11,6 +11,8 @@ from detectron2.structures import BitMasks, Instances
 import qsegformers  # noqa: F401
 from qsegformers import add_qsegformers_config
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 TOY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "toy", "Base-Toy.yaml")
 NUM_CLASSES = 6
 THING_IDS = {3, 4, 5}

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TOY = os.path.join(REPO, "configs", "toy")
 # A tiny version of the toy configs: fewer points and queries, small crops, few iterations.

@@ -5,7 +5,11 @@ The package registry has no detectron2 wheel; ``pb1-detectron2==0.6`` is the ups
 (Python files byte-identical to the v0.6 tag) without ``detectron2/layers/csrc``, so its setup.py cannot
 build. This script downloads that sdist, checks its sha256 (and refuses to install on a mismatch), copies
 its ``detectron2/`` package into site-packages (the PointRend/DeepLab ``projects`` are not needed:
-qsegformers has its own point sampling and poly LR). It then writes a ``.dist-info`` so pip sees the install, and a placeholder ``detectron2/_C.py`` whose
+qsegformers has its own point sampling and poly LR), applies the textual fixes of
+``tools/detectron2_fixes.py`` to the copies (names that numpy >= 1.24 and Pillow >= 10 removed; listed in
+``docs/detectron2_fixes.md``), checks that no removed name is left, and stops with an error if a fix does
+not apply exactly or a name is left. It then writes a ``.dist-info`` so pip sees the install (recording the
+digest of the fix list, so that a changed list reinstalls), and a placeholder ``detectron2/_C.py`` whose
 attributes raise an ImportError naming what needs the compiled ops.
 
 A detectron2 that is already importable and is not ours (e.g. upstream built from source) is kept.
@@ -21,6 +25,8 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+from detectron2_fixes import FIXES, FixError, apply_fixes, find_removed_names, fixes_digest
+
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/60/26/"
     "48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
@@ -29,6 +35,7 @@ SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
 DIST_NAME = "detectron2"
 VERSION = "0.6"
 MARKER = "qsegformers-pure-python"  # written into the dist-info INSTALLER file
+FIXES_FILE = "qsegformers-fixes"  # dist-info file holding the digest of the applied fix list
 
 PLACEHOLDER_C = '''"""Placeholder for detectron2's compiled ops (written by qsegformers' tools/install_detectron2.py).
 
@@ -76,19 +83,21 @@ def __getattr__(name):
 
 
 def existing_detectron2():
-    """Return (path, is_ours) of an importable detectron2, or (None, False)."""
+    """Return (path, is_ours, fixes digest recorded by our install or "") of an importable detectron2,
+    or (None, False, "")."""
     import importlib.metadata as md
     import importlib.util
 
     spec = importlib.util.find_spec("detectron2")
     if spec is None or not spec.submodule_search_locations:
-        return None, False
+        return None, False, ""
     path = Path(list(spec.submodule_search_locations)[0])
     try:
-        installer = md.distribution(DIST_NAME).read_text("INSTALLER") or ""
+        dist = md.distribution(DIST_NAME)
+        installer, digest = dist.read_text("INSTALLER") or "", dist.read_text(FIXES_FILE) or ""
     except md.PackageNotFoundError:
-        installer = ""
-    return path, installer.strip() == MARKER
+        installer, digest = "", ""
+    return path, installer.strip() == MARKER, digest.strip()
 
 
 def download(url: str, sha256: str, cache: Path) -> bytes:
@@ -110,6 +119,20 @@ def download(url: str, sha256: str, cache: Path) -> bytes:
     return data
 
 
+def _installed_numpy_and_pil():
+    """The numpy and PIL.Image modules of this environment, or None where one is not installed yet
+    (the scan then uses only the built-in lists of removed names)."""
+    try:
+        import numpy
+    except ImportError:
+        numpy = None
+    try:
+        import PIL.Image as image
+    except ImportError:
+        image = None
+    return numpy, image
+
+
 def install(site: Path, data: bytes):
     pkg_dst = site / "detectron2"
     if pkg_dst.exists():
@@ -125,6 +148,21 @@ def install(site: Path, data: bytes):
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(tar.extractfile(member).read())
             files.append(rel)
+    try:
+        fixed = apply_fixes(site)
+    except FixError as e:
+        shutil.rmtree(pkg_dst)
+        sys.exit(f"[detectron2] REFUSING to install: {e}")
+    left = find_removed_names(pkg_dst, *_installed_numpy_and_pil())
+    if left:
+        shutil.rmtree(pkg_dst)
+        sys.exit(
+            "[detectron2] REFUSING to install: names that numpy/Pillow removed are still used after the fixes:\n"
+            + "\n".join(f"  {f.path}:{f.line}: {f.what}" for f in left)
+            + "\nAdd a fix for each to FIXES in tools/detectron2_fixes.py (and to docs/detectron2_fixes.md)."
+        )
+    print(f"[detectron2] applied {len(FIXES)} fixes to {len(fixed)} files (docs/detectron2_fixes.md); "
+          "no removed numpy/Pillow name is left")
     (pkg_dst / "_C.py").write_text(PLACEHOLDER_C)
     files.append(Path("detectron2/_C.py"))
 
@@ -144,9 +182,10 @@ def install(site: Path, data: bytes):
         + "".join(f"Requires-Dist: {r}\n" for r in requires)
     )
     (dist_info / "INSTALLER").write_text(MARKER + "\n")
+    (dist_info / FIXES_FILE).write_text(fixes_digest() + "\n")
     (dist_info / "top_level.txt").write_text("detectron2\n")
     record = [f"{f.as_posix()},," for f in files]
-    record += [f"{dist_info.name}/{n},," for n in ("METADATA", "INSTALLER", "top_level.txt", "RECORD")]
+    record += [f"{dist_info.name}/{n},," for n in ("METADATA", "INSTALLER", FIXES_FILE, "top_level.txt", "RECORD")]
     (dist_info / "RECORD").write_text("\n".join(record) + "\n")
     print(f"[detectron2] installed {len(files)} files into {pkg_dst} (+ _C placeholder, {dist_info.name})")
 
@@ -157,13 +196,15 @@ def main():
     parser.add_argument("--force", action="store_true", help="reinstall even if ours is present")
     args = parser.parse_args()
 
-    path, ours = existing_detectron2()
+    path, ours, digest = existing_detectron2()
     if path is not None and not ours:
         print(f"[detectron2] keeping the detectron2 already importable at {path}")
         return
     if path is not None and ours and not args.force:
-        print(f"[detectron2] pure-Python detectron2 {VERSION} already installed at {path}")
-        return
+        if digest == fixes_digest():
+            print(f"[detectron2] pure-Python detectron2 {VERSION} already installed at {path}")
+            return
+        print("[detectron2] the installed copy was made with another fix list: reinstalling")
     site = Path(sysconfig.get_paths()["purelib"])
     install(site, download(SDIST_URL, SDIST_SHA256, Path(args.cache)))
 

@@ -32,6 +32,8 @@ from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
 from eval_only_utils import check_eval_only
 from test_ade20k_prepare import read_panoptic, read_tif, write_ade_full, write_ade_image, write_instance_devkit
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 H, W = 24, 32
 WALL, BED, CHAIR, LAMP = 0, 7, 19, 36  # contiguous ids (== dataset ids of ADE20K panoptic/instance)
 IGNORE = 255

@@ -31,6 +31,8 @@ from qsegformers.engine.evaluators import build_evaluator
 from dataset_test_utils import evaluate, evaluator_cfg, load_prepare_script
 from eval_only_utils import check_eval_only
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 UNCLOSED_POOL = "ignore:unclosed running multiprocessing pool:ResourceWarning"  # panopticapi's pq_compute
 H, W = 24, 32
 IGNORE = 255

@@ -26,6 +26,8 @@ from qsegformers.engine.evaluators import build_evaluator
 from dataset_test_utils import evaluate, evaluator_cfg
 from eval_only_utils import check_eval_only
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 H, W = 24, 32
 PERSON, DOG, CAT = 1, 18, 17  # COCO category ids
 THINGS = [c for c in COCO_CATEGORIES if c["isthing"]]

@@ -18,6 +18,8 @@ from qsegformers.data.datasets.toy import (
     toy_paths,
 )
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 NUM_TRAIN, NUM_VAL = 6, 3  # small counts keep the tests fast
 NUM_CLASSES = 6
 IGNORE = 255

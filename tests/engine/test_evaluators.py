@@ -19,6 +19,8 @@ from qsegformers.engine.evaluators import (
 )
 from qsegformers.evaluation import InstanceSegEvaluator
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 PREFIX = "qseg_engine_eval_test_"
 IGNORE_LABEL = 255
 RECORDS = [{"file_name": "img.png", "sem_seg_file_name": "sem.png", "height": 4, "width": 4}]

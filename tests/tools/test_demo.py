@@ -15,6 +15,8 @@ import torch
 from detectron2.structures import Instances
 from PIL import Image
 
+pytestmark = pytest.mark.smoke  # also run on the current stack (.ci/run)
+
 with warnings.catch_warnings():
     # matplotlib 3.9 (imported by detectron2's Visualizer) builds its parsers with pyparsing names that
     # pyparsing 3.3 deprecates, at import time.
